@@ -1,0 +1,28 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both create and use .venv.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint control-plane bench
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+control-plane:
+	bash operator/localcluster/build-control-plane.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(STAMP) control-plane lint
+	$(VENV)/bin/pytest
+
+demo: $(STAMP)
+	$(VENV)/bin/python -m neuron_modelgen.demo
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/rewrite_bench.py
