@@ -1,0 +1,117 @@
+"""``tf-neuron-auto-multicore``: the command line of AWS's tool, plus inspection and a JSON report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import NoReturn
+
+from .errors import EXIT_CODES, RewriteError, UsageError
+from .report import RewriteReport
+from .rewrite import inspect_model, rewrite_model
+
+PROG = "tf-neuron-auto-multicore"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other refusal of this tool (argparse would print the usage block first).
+        self.exit(UsageError.exit_code, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    codes = "\n".join(f"  {code}  {meaning}" for code, meaning in sorted(EXIT_CODES.items()))
+    parser = _Parser(
+        prog=PROG,
+        description=(
+            "Tag every NeuronOp of a Neuron-compiled TensorFlow SavedModel with _automatic_multicore=NUM_CORES, so "
+            "the Neuron runtime replicates the model on that many NeuronCores. MODEL_DIR is a SavedModel directory "
+            "or a TF Serving base path with numbered version folders (each version is rewritten). The input is never "
+            "modified; the output appears atomically or not at all."
+        ),
+        epilog=f"exit codes:\n{codes}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="compiled SavedModel directory or TF Serving base path")
+    parser.add_argument("--num_cores", type=int, metavar="NUM_CORES", help="NeuronCores to replicate on (>= 1)")
+    parser.add_argument("--new_model_dir", metavar="NEW_MODEL_DIR", help="where to write the rewritten model")
+    parser.add_argument("--inspect", action="store_true", help="list the NeuronOps and write nothing (dry run)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON on standard output")
+    parser.add_argument("--force", action="store_true", help="replace NEW_MODEL_DIR if it exists")
+    parser.add_argument(
+        "--allow-no-neuron-ops",
+        action="store_true",
+        help="copy a model without any NeuronOp instead of refusing it",
+    )
+    parser.add_argument(
+        "--recompute-fingerprint",
+        action="store_true",
+        help="write a fresh fingerprint.pb with TensorFlow (slow; by default the stale one is dropped)",
+    )
+    parser.add_argument("--fsync", action="store_true", help="make the output durable on disk before publishing it")
+    return parser
+
+
+def _size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def _format(report: RewriteReport) -> str:
+    lines = []
+    for model in report.models:
+        where = model.path + (f" (version {model.version})" if model.version else "")
+        lines.append(f"{where}: {len(model.neuron_ops)} NeuronOp node(s), fingerprint.pb {model.fingerprint}")
+        rows = [("META", "FUNCTION", "NODE", "TAG", "PIPELINE", "EXECUTABLE")]
+        rows += [
+            (
+                str(op.meta_graph),
+                op.function or "-",
+                op.node,
+                "-" if op.automatic_multicore is None else str(op.automatic_multicore),
+                "-" if op.pipeline_size is None else str(op.pipeline_size),
+                _size(op.executable_bytes),
+            )
+            for op in model.neuron_ops
+        ]
+        if len(rows) > 1:
+            widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+            lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    if report.output:
+        lines.append(
+            f"wrote {report.output}: {report.neuron_op_count} NeuronOp node(s) tagged for {report.num_cores} core(s)"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.inspect:
+            report = inspect_model(args.model_dir)
+        else:
+            if args.num_cores is None or args.new_model_dir is None:
+                parser.error("--num_cores and --new_model_dir are required unless --inspect is given")
+            report = rewrite_model(
+                args.model_dir,
+                args.new_model_dir,
+                args.num_cores,
+                force=args.force,
+                allow_no_neuron_ops=args.allow_no_neuron_ops,
+                recompute_fingerprint=args.recompute_fingerprint,
+                fsync=args.fsync,
+            )
+    except RewriteError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps(report.to_dict(), indent=2) if args.json else _format(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

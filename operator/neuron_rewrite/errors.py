@@ -1,0 +1,43 @@
+"""Errors of the rewrite, each with the CLI exit code that reports it."""
+
+from __future__ import annotations
+
+
+class RewriteError(Exception):
+    """A refusal with a one-line message that names the file or field and what is expected."""
+
+    exit_code = 1
+
+
+class UsageError(RewriteError):
+    """Bad arguments, such as ``num_cores`` below 1."""
+
+    exit_code = 2
+
+
+class InvalidModelError(RewriteError):
+    """The input is missing, is not a SavedModel, or its ``saved_model.pb`` is corrupt or truncated."""
+
+    exit_code = 3
+
+
+class NotReplicableError(RewriteError):
+    """The model cannot be replicated: a pipelined NeuronOp, or no NeuronOp at all."""
+
+    exit_code = 4
+
+
+class OutputError(RewriteError):
+    """The output location conflicts with an existing directory or with the input."""
+
+    exit_code = 5
+
+
+EXIT_CODES = {
+    0: "success",
+    1: "unexpected I/O failure (message names the file)",
+    UsageError.exit_code: "bad arguments (e.g. --num_cores below 1)",
+    InvalidModelError.exit_code: "input missing, not a SavedModel, or saved_model.pb corrupt/truncated",
+    NotReplicableError.exit_code: "NeuronOp compiled with pipeline size > 1, or no NeuronOp (not compiled for Neuron)",
+    OutputError.exit_code: "output exists (use --force), or output equals, contains or is inside the input",
+}

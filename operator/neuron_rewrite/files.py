@@ -1,0 +1,177 @@
+"""Zero-copy file copies and atomic publication of an output directory."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import secrets
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .errors import InvalidModelError, OutputError, RewriteError
+
+_CHUNK = 1 << 30
+_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+    """Append [offset, offset + length) of src to dst, in the kernel where it can (reflink or page-cache copy)."""
+    end = offset + length
+    try:
+        while offset < end:
+            copied = os.copy_file_range(src_fd, dst_fd, min(_CHUNK, end - offset), offset)
+            if copied == 0:
+                raise OSError(errno.EIO, "source file shrank while being copied")
+            offset += copied
+        return
+    except OSError as exc:
+        if exc.errno not in _FALLBACK_ERRNOS:
+            raise
+    while offset < end:  # copy_file_range unsupported here (old kernel, cross-device): plain reads and writes
+        chunk = os.pread(src_fd, min(1 << 20, end - offset), offset)
+        if not chunk:
+            raise OSError(errno.EIO, "source file shrank while being copied")
+        os.write(dst_fd, chunk)
+        offset += len(chunk)
+
+
+def write_pieces(src_fd: int, dst: Path, pieces: Iterable[tuple[int, int] | bytes], fsync: bool) -> None:
+    """Write a file made of source byte ranges and literal bytes, in order."""
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                os.write(fd, piece)
+            else:
+                copy_range(src_fd, fd, piece[0], piece[1] - piece[0])
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_file(src: Path, dst: Path, fsync: bool) -> None:
+    src_fd = os.open(src, os.O_RDONLY)
+    try:
+        size = os.fstat(src_fd).st_size
+        write_pieces(src_fd, dst, [(0, size)], fsync)
+    finally:
+        os.close(src_fd)
+    shutil.copymode(src, dst)
+
+
+def copy_tree(src: Path, dst: Path, skip: set[Path], fsync: bool) -> None:
+    """Copy ``src`` into the existing directory ``dst`` byte for byte, leaving out the relative paths in ``skip``.
+
+    A symbolic link is kept as a link when it points inside the model and refused when it points outside it:
+    a rewrite must not carry files from elsewhere into the model, nor follow a link out of it.
+    """
+    root = src.resolve()
+    for dirpath, dirnames, filenames in os.walk(src):
+        here = Path(dirpath)
+        out = dst / here.relative_to(src)
+        for name in sorted(dirnames + filenames):
+            path = here / name
+            rel = path.relative_to(src)
+            if rel in skip:
+                continue
+            if path.is_symlink():
+                target = path.resolve()
+                if target != root and root not in target.parents:
+                    raise InvalidModelError(f"{path}: symbolic link points outside the model (to {target})")
+                os.symlink(os.readlink(path), out / name)
+            elif path.is_dir():
+                (out / name).mkdir()
+                shutil.copymode(path, out / name)
+            elif path.is_file():
+                copy_file(path, out / name, fsync)
+            else:
+                raise InvalidModelError(f"{path}: not a regular file or directory")
+        dirnames[:] = [d for d in dirnames if not (here / d).is_symlink()]
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    if ctypes.get_errno() in _FALLBACK_ERRNOS:
+        return False
+    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(b))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path, force: bool) -> Iterator[Path]:
+    """Yield a fresh directory beside ``target``; on success it becomes ``target`` in one rename.
+
+    On any failure the directory is removed, so readers see the whole output or none of it. With ``force`` an
+    existing target is swapped out atomically and then deleted.
+    """
+    parent = target.parent
+    if not parent.is_dir():
+        raise OutputError(f"{target}: parent directory {parent} does not exist")
+    staging = parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
+    try:
+        staging.mkdir()
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot create the output beside it ({exc.strerror})") from None
+    try:
+        yield staging
+        _publish(staging, target, force)
+    except BaseException:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _publish(staging: Path, target: Path, force: bool) -> None:
+    if not target.exists() and not target.is_symlink():
+        try:
+            os.rename(staging, target)  # a directory rename fails rather than replace a non-empty directory
+            return
+        except OSError as exc:
+            if not (exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and force):
+                raise OutputError(f"{target}: appeared while the rewrite ran ({exc.strerror})") from None
+    if not force:
+        raise OutputError(f"{target}: already exists (use --force to replace it)")
+    if _rename_exchange(staging, target):
+        _remove(staging)  # now holds the old output
+        return
+    aside = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
+    os.rename(target, aside)
+    os.rename(staging, target)
+    _remove(aside)
+
+
+def check_output_location(source: Path, target: Path, force: bool) -> None:
+    """Refuse an output that is, contains or sits inside the input, or that exists without ``force``."""
+    src = source.resolve()
+    out = target.resolve()
+    if out == src:
+        raise OutputError(f"{target}: output is the input model itself; choose another --new_model_dir")
+    if src in out.parents:
+        raise OutputError(f"{target}: output is inside the input model {source}; choose a directory outside it")
+    if out in src.parents:
+        raise OutputError(f"{target}: output contains the input model {source}; choose another --new_model_dir")
+    if (target.exists() or target.is_symlink()) and not force:
+        raise OutputError(f"{target}: already exists (use --force to replace it)")
+
+
+def describe_os_error(exc: OSError) -> RewriteError:
+    """Turn an unexpected OS failure into a one-line error naming the file."""
+    where = exc.filename or "I/O"
+    return RewriteError(f"{where}: {exc.strerror or exc}")
