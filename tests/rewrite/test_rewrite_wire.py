@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from neuron_rewrite import (
     InvalidModelError,
     NotReplicableError,
@@ -19,7 +20,7 @@ from neuron_rewrite import (
 )
 from neuron_rewrite.scan import multicore_attr_entry
 from neuron_rewrite.wire import as_int64, decode_varint, encode_varint
-from synthetic import (
+from synthetic_models import (
     TAG,
     all_nodes,
     neuron_op,

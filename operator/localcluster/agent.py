@@ -1,0 +1,504 @@
+"""The node agent: plays the kubelet's part for simulated Neuron nodes.
+
+There is no container runtime here, so the agent does what a node must for the project's pods to behave as on EKS:
+
+- Pods that run a command (the rewrite Job, any tool in the virtualenv): the command runs for real as a local
+  process. Volumes (hostPath, PVCs bound to hostPath PVs, emptyDir, configMap, secret) become local directories;
+  with no mount namespace, container paths are translated instead: every argument, environment value and working
+  directory that starts with a volumeMount's mountPath is rewritten to the host directory behind it.
+- TensorFlow Serving pods (no TF Serving binary exists here): the agent checks what the real server needs, that the
+  model base path holds a version whose NeuronOps are tagged for exactly the NeuronCores the pod requests, and then
+  reports the pod Running and Ready; otherwise a waiting container with the reason, as a crash-looping server would.
+- Graceful deletion: SIGTERM, the grace period, SIGKILL, then the pod object is removed, as a kubelet does.
+
+Pod IPs come from 10.244.0.0/16 for the API's sake only; nothing ever connects to them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config, watch
+from kubernetes.client.rest import ApiException
+
+from .nodes import NEURONCORE, SIMULATED_LABEL
+from .serving import check_serving_container, is_serving_container
+
+log = logging.getLogger("localcluster.agent")
+
+TERMINATION_TAIL_LINES = 80
+TERMINATION_MAX_BYTES = 2048  # what a kubelet keeps of the logs for FallbackToLogsOnError
+MAX_GRACE_SECONDS = 30
+SERVING_RECHECK_SECONDS = 2.0
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class VolumeNotReady(Exception):
+    """A volume cannot be set up yet (for example a PVC not bound): the pod stays in ContainerCreating."""
+
+
+@dataclass
+class Mount:
+    container_path: str
+    host_path: Path
+    read_only: bool
+
+
+def translate(value: str, mounts: list[Mount]) -> str:
+    """Rewrite container paths inside ``value`` to the host directories behind their mounts.
+
+    A path counts where it starts a word (start of the value, after white space, ``=``, ``:`` or a quote), so
+    ``/models/x``, ``--model_base_path=/models/x`` and ``sh -c "cat /models/x"`` all translate.
+    """
+    if not mounts:
+        return value
+    hosts = {m.container_path.rstrip("/"): str(m.host_path) for m in mounts}
+    alternatives = "|".join(re.escape(p) for p in sorted(hosts, key=len, reverse=True))  # longest mount wins
+    pattern = rf"(^|[\s=:'\"])({alternatives})(?=/|$|[\s'\"])"
+    return re.sub(pattern, lambda m: m[1] + hosts[m[2]], value)  # one pass: a host path is never re-translated
+
+
+def tail(text: str) -> str:
+    lines = "\n".join(text.splitlines()[-TERMINATION_TAIL_LINES:])
+    return lines.encode()[-TERMINATION_MAX_BYTES:].decode(errors="replace")
+
+
+class PodRunner(threading.Thread):
+    """Runs one pod to completion (or until deleted), reporting its status to the API."""
+
+    def __init__(self, agent: NodeAgent, pod: Any) -> None:
+        super().__init__(daemon=True, name=f"pod-{pod.metadata.namespace}/{pod.metadata.name}")
+        self.agent = agent
+        self.pod = pod
+        self.core = client.CoreV1Api(agent.api_client)
+        self.dir = agent.workdir / "pods" / pod.metadata.uid
+        self.stopping = threading.Event()
+        self.process: subprocess.Popen | None = None
+        self.pod_ip = agent.next_pod_ip()
+        self.restart_counts: dict[str, int] = {}
+
+    @property
+    def ref(self) -> str:
+        return f"{self.pod.metadata.namespace}/{self.pod.metadata.name}"
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception as exc:  # a bug or an API failure must show up, not kill the agent silently
+            log.exception("pod=%s agent failure: %s", self.ref, exc)
+
+    def _run(self) -> None:
+        spec = self.pod.spec
+        mounts_by_volume = self._wait_for_volumes()
+        if mounts_by_volume is None:
+            return
+        started = now()
+        for init in spec.init_containers or []:
+            code, message = self._run_container(init, mounts_by_volume, started, init=True)
+            if self.stopping.is_set():
+                return
+            if code != 0:
+                self._report_phase("Failed", started, {init.name: self._terminated(code, message, started)}, init=True)
+                return
+        containers = spec.containers
+        if len(containers) != 1:
+            self._report_waiting(containers[0].name, "Unsupported", "the node agent runs pods of one container")
+            return
+        container = containers[0]
+        if is_serving_container(container):
+            self._serve(container, mounts_by_volume, started)
+            return
+        while not self.stopping.is_set():
+            code, message = self._run_container(container, mounts_by_volume, started)
+            if self.stopping.is_set():
+                return
+            state = self._terminated(code, message, started)
+            policy = spec.restart_policy or "Always"
+            if code == 0 and policy != "Always":
+                self._report_phase("Succeeded", started, {container.name: state})
+                return
+            if policy == "Never":
+                self._report_phase("Failed", started, {container.name: state})
+                return
+            count = self.restart_counts[container.name] = self.restart_counts.get(container.name, 0) + 1
+            self._report_phase("Running", started, {container.name: state}, ready=False)
+            self.stopping.wait(min(2 ** (count - 1), 10))  # the kubelet's crash-loop back-off, shortened
+
+    # Volumes ---------------------------------------------------------------------------------------------------
+
+    def _wait_for_volumes(self) -> dict[str, Path] | None:
+        while not self.stopping.is_set():
+            try:
+                return self._volumes()
+            except VolumeNotReady as exc:
+                self._report_waiting(self.pod.spec.containers[0].name, "ContainerCreating", str(exc))
+                self.stopping.wait(1)
+        return None
+
+    def _volumes(self) -> dict[str, Path]:
+        out: dict[str, Path] = {}
+        ns = self.pod.metadata.namespace
+        for volume in self.pod.spec.volumes or []:
+            if volume.host_path:
+                out[volume.name] = Path(volume.host_path.path)
+            elif volume.persistent_volume_claim:
+                out[volume.name] = self._claim_path(ns, volume.persistent_volume_claim.claim_name)
+            elif volume.empty_dir is not None:
+                out[volume.name] = self._fresh_dir(volume.name)
+            elif volume.config_map:
+                data = self.core.read_namespaced_config_map(volume.config_map.name, ns).data or {}
+                out[volume.name] = self._write_files(volume.name, {k: v.encode() for k, v in data.items()})
+            elif volume.secret:
+                import base64
+
+                data = self.core.read_namespaced_secret(volume.secret.secret_name, ns).data or {}
+                out[volume.name] = self._write_files(volume.name, {k: base64.b64decode(v) for k, v in data.items()})
+            else:
+                out[volume.name] = self._fresh_dir(volume.name)  # projected/downwardAPI: present, empty
+        return out
+
+    def _claim_path(self, namespace: str, claim: str) -> Path:
+        try:
+            pvc = self.core.read_namespaced_persistent_volume_claim(claim, namespace)
+        except ApiException as exc:
+            raise VolumeNotReady(f'persistentvolumeclaim "{claim}" not found') from exc
+        if pvc.status.phase != "Bound" or not pvc.spec.volume_name:
+            raise VolumeNotReady(f'persistentvolumeclaim "{claim}" is not bound')
+        pv = self.core.read_persistent_volume(pvc.spec.volume_name)
+        if not pv.spec.host_path:
+            raise VolumeNotReady(f"persistentvolume {pv.metadata.name} is not a hostPath volume")
+        return Path(pv.spec.host_path.path)
+
+    def _fresh_dir(self, name: str) -> Path:
+        path = self.dir / "volumes" / name
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(0o777)  # emptyDir is writable by the pod's user, whoever it is
+        return path
+
+    def _write_files(self, name: str, files: dict[str, bytes]) -> Path:
+        path = self._fresh_dir(name)
+        for key, value in files.items():
+            (path / key).write_bytes(value)
+        return path
+
+    def _mounts(self, container: Any, volumes: dict[str, Path]) -> list[Mount]:
+        mounts = []
+        for vm in container.volume_mounts or []:
+            host = volumes[vm.name] / (vm.sub_path or "")
+            if vm.sub_path:
+                host.mkdir(parents=True, exist_ok=True)  # the kubelet creates a missing subPath too
+            mounts.append(Mount(vm.mount_path, host, bool(vm.read_only)))
+        return mounts
+
+    # Containers ------------------------------------------------------------------------------------------------
+
+    def _environment(self, container: Any, mounts: list[Mount]) -> dict[str, str]:
+        env = {
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+            "HOME": str(self.dir),
+            "HOSTNAME": self.pod.metadata.name,
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": str(self.agent.api_port),
+        }
+        fields = {
+            "metadata.name": self.pod.metadata.name,
+            "metadata.namespace": self.pod.metadata.namespace,
+            "spec.nodeName": self.pod.spec.node_name,
+            "status.podIP": self.pod_ip,
+        }
+        for var in container.env or []:
+            if var.value is not None:
+                env[var.name] = translate(var.value, mounts)
+            elif var.value_from and var.value_from.field_ref:
+                env[var.name] = fields.get(var.value_from.field_ref.field_path, "")
+        return env
+
+    def _user(self, container: Any) -> tuple[int | None, int | None]:
+        pod_ctx = self.pod.spec.security_context
+        ctx = container.security_context
+        uid = (ctx and ctx.run_as_user) or (pod_ctx and pod_ctx.run_as_user)
+        gid = (ctx and ctx.run_as_group) or (pod_ctx and pod_ctx.run_as_group)
+        return uid, gid
+
+    def _run_container(
+        self, container: Any, volumes: dict[str, Path], started: str, init: bool = False
+    ) -> tuple[int, str]:
+        mounts = self._mounts(container, volumes)
+        argv = [translate(a, mounts) for a in [*(container.command or []), *(container.args or [])]]
+        name = container.name
+        if not container.command:
+            return 128, "the node agent needs an explicit command: it cannot read an image's entrypoint"
+        if shutil.which(argv[0], path=self._environment(container, mounts)["PATH"]) is None:
+            return 127, f"executable file not found in $PATH: {argv[0]}"
+        uid, gid = self._user(container)
+        logfile = self.dir / f"{name}.log"
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        cwd = translate(container.working_dir, mounts) if container.working_dir else str(self.dir)
+        with logfile.open("wb") as out:
+            self.process = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self._environment(container, mounts),
+                cwd=cwd,
+                user=uid,
+                group=gid,
+                extra_groups=[] if uid is not None else None,
+                start_new_session=True,
+            )
+        log.info("pod=%s container=%s started pid=%d argv=%s", self.ref, name, self.process.pid, argv[:1])
+        running = {name: {"running": {"startedAt": now()}}}
+        self._report_phase("Pending" if init else "Running", started, running, init=init, ready=not init)
+        code = self.process.wait()
+        self.process = None
+        output = logfile.read_text(errors="replace")
+        policy = container.termination_message_policy or "File"
+        message = tail(output) if (policy == "FallbackToLogsOnError" and code != 0) else ""
+        log.info("pod=%s container=%s exited code=%d", self.ref, name, code)
+        return code, message
+
+    def _serve(self, container: Any, volumes: dict[str, Path], started: str) -> None:
+        mounts = self._mounts(container, volumes)
+        env = self._environment(container, mounts)
+        cores = _requested_cores(container)
+        last: str | None = "(not checked yet)"
+        while not self.stopping.is_set():
+            problem = check_serving_container(container, env, cores, lambda p: translate(p, mounts))
+            if problem != last:
+                if problem is None:
+                    log.info("pod=%s serving model loaded cores=%s", self.ref, cores)
+                    self._report_phase("Running", started, {container.name: {"running": {"startedAt": now()}}})
+                else:
+                    log.info("pod=%s serving check failed: %s", self.ref, problem)
+                    self.restart_counts[container.name] = self.restart_counts.get(container.name, 0) + 1
+                    state = {"waiting": {"reason": "CrashLoopBackOff", "message": problem}}
+                    self._report_phase("Running", started, {container.name: state}, ready=False)
+                last = problem
+            self.stopping.wait(SERVING_RECHECK_SECONDS)
+
+    # Status ----------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _terminated(code: int, message: str, started: str) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "exitCode": code,
+            "reason": "Completed" if code == 0 else "Error",
+            "startedAt": started,
+            "finishedAt": now(),
+        }
+        if message:
+            state["message"] = message
+        return {"terminated": state}
+
+    def _report_waiting(self, name: str, reason: str, message: str) -> None:
+        self._report_phase("Pending", None, {name: {"waiting": {"reason": reason, "message": message}}}, ready=False)
+
+    def _report_phase(
+        self,
+        phase: str,
+        started: str | None,
+        states: dict[str, dict[str, Any]],
+        *,
+        init: bool = False,
+        ready: bool = True,
+    ) -> None:
+        containers = self.pod.spec.init_containers if init else self.pod.spec.containers
+        statuses = [
+            {
+                "name": c.name,
+                "image": c.image or "",
+                "imageID": "",
+                "containerID": f"localcluster://{self.pod.metadata.uid}/{c.name}",
+                "ready": ready and "running" in states.get(c.name, {}),
+                "restartCount": self.restart_counts.get(c.name, 0),
+                "started": "running" in states.get(c.name, {}),
+                "state": states.get(c.name, {"waiting": {"reason": "PodInitializing"}}),
+            }
+            for c in containers or []
+        ]
+        is_ready = phase == "Running" and all(s["ready"] for s in statuses) and not init
+        stamp = now()
+        conditions = [
+            {"type": "Initialized", "status": "False" if init else "True", "lastTransitionTime": stamp},
+            {"type": "ContainersReady", "status": str(is_ready), "lastTransitionTime": stamp},
+            {"type": "Ready", "status": str(is_ready), "lastTransitionTime": stamp},
+        ]
+        status: dict[str, Any] = {
+            "phase": phase,
+            "conditions": conditions,
+            "hostIP": self.agent.host_ip,
+            "podIP": self.pod_ip,
+            "podIPs": [{"ip": self.pod_ip}],
+            "initContainerStatuses" if init else "containerStatuses": statuses,
+        }
+        if started:
+            status["startTime"] = started
+        try:
+            self.core.patch_namespaced_pod_status(
+                self.pod.metadata.name, self.pod.metadata.namespace, {"status": status}
+            )
+        except ApiException as exc:
+            if exc.status != 404:  # a pod deleted meanwhile needs no status
+                raise
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM the process group, SIGKILL after the grace period (graceful deletion)."""
+        self.stopping.set()
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(min(grace, MAX_GRACE_SECONDS))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _requested_cores(container: Any) -> int | None:
+    resources = container.resources
+    for amounts in (resources and resources.limits, resources and resources.requests):
+        if amounts and NEURONCORE in amounts:
+            return int(amounts[NEURONCORE])
+    return None
+
+
+class NodeAgent:
+    """Watches pods bound to simulated nodes and runs them. ``start()`` runs it in a background thread."""
+
+    def __init__(self, kubeconfig: Path, workdir: Path, api_port: int) -> None:
+        self.api_client = config.new_client_from_config(str(kubeconfig))
+        self.workdir = workdir
+        self.api_port = api_port
+        self.host_ip = "10.0.0.1"
+        self.runners: dict[str, PodRunner] = {}
+        self._deleting: set[str] = set()
+        self._ips = itertools.count(2)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._watch: watch.Watch | None = None
+        self._lock = threading.Lock()
+
+    def next_pod_ip(self) -> str:
+        n = next(self._ips)
+        return f"10.244.{n // 250}.{n % 250 + 2}"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="node-agent")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.stop()
+        for runner in list(self.runners.values()):
+            runner.stop(grace=1)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _simulated_nodes(self, core: client.CoreV1Api) -> set[str]:
+        nodes = core.list_node(label_selector=f"{SIMULATED_LABEL}=true").items
+        return {n.metadata.name for n in nodes}
+
+    def _loop(self) -> None:
+        core = client.CoreV1Api(self.api_client)
+        while not self._stop.is_set():
+            try:
+                listing = core.list_pod_for_all_namespaces(field_selector="spec.nodeName!=")
+                nodes = self._simulated_nodes(core)
+                seen = set()
+                for pod in listing.items:
+                    seen.add(pod.metadata.uid)
+                    self._handle(core, pod, nodes)
+                self._forget(seen)
+                self._watch = watch.Watch()
+                for event in self._watch.stream(
+                    core.list_pod_for_all_namespaces,
+                    field_selector="spec.nodeName!=",
+                    resource_version=listing.metadata.resource_version,
+                    timeout_seconds=60,
+                ):
+                    if self._stop.is_set():
+                        return
+                    pod = event["object"]
+                    if pod.spec.node_name not in nodes:
+                        nodes = self._simulated_nodes(core)
+                    if event["type"] == "DELETED":
+                        self._forget_uid(pod.metadata.uid)
+                    else:
+                        self._handle(core, pod, nodes)
+            except ApiException as exc:
+                if exc.status != 410:  # 410 Gone: the watch expired, re-list
+                    log.warning("pod watch failed: %s %s; re-listing", exc.status, exc.reason)
+                    self._stop.wait(1)
+            except Exception as exc:  # the apiserver restarting, a dropped connection
+                if not self._stop.is_set():
+                    log.warning("pod watch interrupted: %s; re-listing", exc)
+                    self._stop.wait(1)
+
+    def _handle(self, core: client.CoreV1Api, pod: Any, nodes: set[str]) -> None:
+        if pod.spec.node_name not in nodes:
+            return
+        uid = pod.metadata.uid
+        if pod.metadata.deletion_timestamp is not None:
+            with self._lock:
+                if uid in self._deleting:
+                    return
+                self._deleting.add(uid)
+                runner = self.runners.pop(uid, None)
+            threading.Thread(target=self._delete, args=(core, pod, runner), daemon=True).start()
+            return
+        with self._lock:
+            if uid in self.runners or (pod.status.phase in ("Succeeded", "Failed")):
+                return
+            runner = self.runners[uid] = PodRunner(self, pod)
+        log.info("pod=%s/%s bound to node=%s: starting", pod.metadata.namespace, pod.metadata.name, pod.spec.node_name)
+        runner.start()
+
+    def _delete(self, core: client.CoreV1Api, pod: Any, runner: PodRunner | None) -> None:
+        grace = pod.metadata.deletion_grace_period_seconds or 0
+        if runner is not None:
+            runner.stop(grace)
+        try:
+            core.delete_namespaced_pod(
+                pod.metadata.name,
+                pod.metadata.namespace,
+                body=client.V1DeleteOptions(
+                    grace_period_seconds=0, preconditions=client.V1Preconditions(uid=pod.metadata.uid)
+                ),
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                log.warning("pod=%s/%s delete failed: %s", pod.metadata.namespace, pod.metadata.name, exc.reason)
+                return
+        log.info("pod=%s/%s deleted after graceful stop", pod.metadata.namespace, pod.metadata.name)
+
+    def _forget(self, seen: set[str]) -> None:
+        for uid in set(self.runners) - seen:
+            self._forget_uid(uid)
+
+    def _forget_uid(self, uid: str) -> None:
+        with self._lock:
+            runner = self.runners.pop(uid, None)
+            self._deleting.discard(uid)
+        if runner is not None:
+            runner.stop(grace=0)

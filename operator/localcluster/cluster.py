@@ -1,0 +1,252 @@
+"""Start and stop a real Kubernetes control plane on loopback: etcd, kube-apiserver, controller-manager, scheduler.
+
+Everything lives in a private temporary directory (data, certificates, logs, kubeconfig) and every process runs in
+its own process group, so ``stop()`` leaves nothing behind, even after a failed test.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BUILD_SCRIPT = HERE / "build-control-plane.sh"
+SERVICE_CIDR = "10.96.0.0/16"  # addresses on paper only: nothing here sends traffic to them
+ETCD = shutil.which("etcd") or "/usr/bin/etcd"
+
+
+class ClusterError(RuntimeError):
+    """The control plane could not be found, started or reached; the message says why and what to run."""
+
+
+def binaries_dir() -> Path:
+    """Where build-control-plane.sh caches the binaries for the current recipe and patch."""
+    out = subprocess.run(["bash", str(BUILD_SCRIPT), "--print-bin-dir"], capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class _Process:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+
+@dataclass
+class LocalCluster:
+    """A control plane in ``workdir`` (a fresh temporary directory unless given). Use as a context manager."""
+
+    workdir: Path | None = None
+    keep_workdir: bool = False
+    api_port: int = 0
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
+    processes: list[_Process] = field(default_factory=list)
+
+    @property
+    def kubeconfig(self) -> Path:
+        assert self.workdir is not None
+        return self.workdir / "kubeconfig"
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.api_port}"
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 60) -> None:
+        bin_dir = binaries_dir()
+        missing = [
+            b for b in ("kube-apiserver", "kube-controller-manager", "kube-scheduler") if not (bin_dir / b).exists()
+        ]
+        if missing:
+            raise ClusterError(f"{', '.join(missing)} not built in {bin_dir}: run `make control-plane` (as root)")
+        if not Path(ETCD).exists():
+            raise ClusterError("etcd not installed: run `make control-plane` (as root)")
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="localcluster-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        atexit.register(self.stop)
+        try:
+            self._start(bin_dir, time.monotonic() + timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, bin_dir: Path, deadline: float) -> None:
+        work = self.workdir
+        assert work is not None
+        pki = work / "pki"
+        pki.mkdir(exist_ok=True)
+        _openssl("genrsa", "-out", str(pki / "sa.key"), "2048")
+        _openssl("rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
+        (work / "tokens.csv").write_text(f'{self.token},admin,admin,"system:masters"\n')
+        etcd_port, etcd_peer = free_port(), free_port()
+        self.api_port = free_port()
+        self._spawn(
+            "etcd",
+            [ETCD, "--name=local", f"--data-dir={work / 'etcd'}",
+             f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
+             f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
+             f"--listen-peer-urls=http://127.0.0.1:{etcd_peer}",
+             f"--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}",
+             f"--initial-cluster=local=http://127.0.0.1:{etcd_peer}"],
+        )  # fmt: skip
+        self._spawn(
+            "kube-apiserver",
+            [str(bin_dir / "kube-apiserver"), f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+             "--bind-address=127.0.0.1", f"--secure-port={self.api_port}", "--insecure-port=0",
+             f"--cert-dir={pki}", f"--token-auth-file={work / 'tokens.csv'}", "--authorization-mode=RBAC",
+             f"--service-account-key-file={pki / 'sa.pub'}", f"--service-account-signing-key-file={pki / 'sa.key'}",
+             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+             f"--service-cluster-ip-range={SERVICE_CIDR}", "--feature-gates=TTLAfterFinished=true",
+             f"--audit-policy-file={_audit_policy(work)}", f"--audit-log-path={work / 'audit.log'}",
+             "--profiling=false"],
+        )  # fmt: skip
+        self._wait_healthy(deadline)
+        self._write_kubeconfig(pki / "apiserver.crt")
+        common = [f"--kubeconfig={self.kubeconfig}", "--leader-elect=false", "--bind-address=127.0.0.1", "--port=0"]
+        self._spawn(
+            "kube-controller-manager",
+            [str(bin_dir / "kube-controller-manager"), *common, f"--secure-port={free_port()}",
+             f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'apiserver.crt'}",
+             "--controllers=*,-nodeipam,-nodelifecycle", "--feature-gates=TTLAfterFinished=true"],
+        )  # fmt: skip
+        self._spawn("kube-scheduler", [str(bin_dir / "kube-scheduler"), *common, f"--secure-port={free_port()}"])
+        self._wait_default_service_account(deadline)
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        assert self.workdir is not None
+        log = self.workdir / f"{name}.log"
+        with log.open("ab") as out:
+            popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes.append(_Process(name, popen, log))
+
+    def _check_alive(self) -> None:
+        for proc in self.processes:
+            if proc.popen.poll() is not None:
+                raise ClusterError(f"{proc.name} exited with {proc.popen.returncode}:\n{self.log_tail(proc.name)}")
+
+    def _wait_healthy(self, deadline: float) -> None:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # the serving certificate is written by the apiserver as it starts
+        request = urllib.request.Request(f"{self.server}/readyz", headers={"Authorization": f"Bearer {self.token}"})
+        while True:
+            self._check_alive()
+            with (
+                contextlib.suppress(OSError, urllib.error.URLError),
+                urllib.request.urlopen(request, context=context, timeout=2) as response,
+            ):
+                if response.status == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise ClusterError(f"kube-apiserver not ready in time:\n{self.log_tail('kube-apiserver')}")
+            time.sleep(0.2)
+
+    def _write_kubeconfig(self, ca: Path) -> None:
+        self.kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\n"
+            f"clusters:\n- name: local\n  cluster:\n    server: {self.server}\n"
+            f"    certificate-authority: {ca}\n    tls-server-name: kubernetes\n"
+            f"users:\n- name: admin\n  user:\n    token: {self.token}\n"
+            "contexts:\n- name: local\n  context:\n    cluster: local\n    user: admin\n"
+            "current-context: local\n"
+        )
+
+    def _wait_default_service_account(self, deadline: float) -> None:
+        """Pods can only be created once the token controller has given the default service account a token."""
+        while True:
+            self._check_alive()
+            out = self.kubectl("get", "serviceaccount", "default", "-o", "jsonpath={.secrets[0].name}", check=False)
+            if out.returncode == 0 and out.stdout.strip():
+                return
+            if time.monotonic() > deadline:
+                raise ClusterError(
+                    f"no token for the default service account:\n{self.log_tail('kube-controller-manager')}"
+                )
+            time.sleep(0.2)
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            check=check,
+            input=input,
+        )
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        assert self.workdir is not None
+        path = self.workdir / f"{name}.log"
+        if not path.exists():
+            return "(no log)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def pids(self) -> list[int]:
+        return [p.popen.pid for p in self.processes]
+
+    def stop(self) -> None:
+        """Stop every process group (TERM, then KILL), newest first, and remove the work directory."""
+        for proc in reversed(self.processes):
+            _terminate_group(proc.popen)
+        self.processes.clear()
+        if self.workdir is not None and not self.keep_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        atexit.unregister(self.stop)
+
+    def restart(self, name: str) -> None:
+        """Kill one component and start it again with the same command line (for fault tests)."""
+        proc = next(p for p in self.processes if p.name == name)
+        _terminate_group(proc.popen)
+        self.processes.remove(proc)
+        self._spawn(name, list(proc.popen.args))
+
+
+def _terminate_group(popen: subprocess.Popen, grace: float = 10) -> None:
+    if popen.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(popen.pid, signal.SIGTERM)
+    try:
+        popen.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(popen.pid, signal.SIGKILL)
+        popen.wait()
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def _audit_policy(work: Path) -> Path:
+    """Record who did what (metadata only): benchmarks count the operator's requests from this log."""
+    path = work / "audit-policy.yaml"
+    path.write_text(
+        "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n"
+    )
+    return path

@@ -1,0 +1,30 @@
+"""Pytest fixtures: one local control plane per session, a fresh namespace per test.
+
+A control plane that cannot be built or started is an error of every test that needs it, never a skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+
+import pytest
+from kubernetes import client
+
+from .simcluster import SimulatedCluster
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[SimulatedCluster]:
+    with SimulatedCluster() as simcluster:
+        yield simcluster
+
+
+@pytest.fixture
+def namespace(cluster: SimulatedCluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    digest = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:8]
+    readable = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-")
+    name = cluster.create_namespace(f"t-{readable}-{digest}")
+    yield name
+    client.CoreV1Api(cluster.api).delete_namespace(name)

@@ -1,0 +1,65 @@
+"""What a TensorFlow Serving container on Neuron needs before it can report the model loaded.
+
+The real server loads the newest numbered version under ``--model_base_path`` and the Neuron runtime places each
+NeuronOp on the cores the pod was given. A NeuronOp tagged for another core count than the pod's
+``aws.amazon.com/neuroncore`` would fail to load or waste cores, so the simulated server refuses it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from neuron_rewrite import RewriteError, inspect_model
+
+SERVER_PREFIX = "tensorflow_model_server"
+
+
+def is_serving_container(container: Any) -> bool:
+    argv = [*(container.command or []), *(container.args or [])]
+    return bool(argv) and Path(argv[0]).name.startswith(SERVER_PREFIX)
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def check_serving_container(
+    container: Any, env: dict[str, str], cores: int | None, to_host: Callable[[str], str]
+) -> str | None:
+    """None when the server would load its model, else why not (one line, as the server's log would say)."""
+    argv = [*(container.command or []), *(container.args or [])]
+    name = _flag(argv, "model_name") or env.get("MODEL_NAME")
+    base = _flag(argv, "model_base_path") or env.get("MODEL_BASE_PATH")
+    if not name or not base:
+        return "tensorflow_model_server needs --model_name and --model_base_path"
+    if cores is None:
+        return "the container requests no aws.amazon.com/neuroncore: the Neuron runtime has no core to load on"
+    host = Path(to_host(base))
+    if not host.is_dir():
+        return f"model base path {base} does not exist"
+    versions = sorted((p for p in host.iterdir() if p.name.isdigit() and p.is_dir()), key=lambda p: int(p.name))
+    if not versions:
+        return f"no versions of servable {name} found under base path {base}"
+    latest = versions[-1]
+    try:
+        report = inspect_model(latest)
+    except RewriteError as exc:
+        return f"failed to load servable {name} version {latest.name}: {exc}"
+    ops = [op for model in report.models for op in model.neuron_ops]
+    if not ops:
+        return f"servable {name} version {latest.name} has no NeuronOp: it is not compiled for Neuron"
+    wrong = [op for op in ops if op.automatic_multicore != cores]
+    if wrong:
+        op = wrong[0]
+        return (
+            f"servable {name} version {latest.name}: NeuronOp {op.node} is tagged _automatic_multicore="
+            f"{op.automatic_multicore} but the pod has {cores} aws.amazon.com/neuroncore"
+        )
+    return None

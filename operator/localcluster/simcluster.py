@@ -1,0 +1,90 @@
+"""A control plane with simulated Neuron nodes and the node agent: what the tests, the demo and benchmarks use."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kubernetes import client, config
+
+from .agent import NodeAgent, now
+from .cluster import LocalCluster
+from .nodes import node_manifest, node_names, node_status
+
+# Enough variety for the operator's tests: 2-core inf2/trn1, a 12-core inf2.24xlarge, 32-core trn1.32xlarge.
+DEFAULT_NODES = {"inf2.xlarge": 2, "inf2.24xlarge": 1, "trn1.2xlarge": 1, "trn1.32xlarge": 2}
+
+
+@dataclass
+class SimulatedCluster:
+    """Start with ``start()`` or as a context manager; ``api`` is a ready kubernetes ApiClient."""
+
+    nodes: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_NODES))
+    taints: list[dict[str, str]] | None = None  # e.g. [NEURON_TAINT], as Neuron node groups are often tainted
+    workdir: Path | None = None
+    cluster: LocalCluster = field(init=False)
+    agent: NodeAgent | None = field(init=False, default=None)
+    api: client.ApiClient | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.cluster = LocalCluster(workdir=self.workdir)
+
+    def __enter__(self) -> SimulatedCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.cluster.kubeconfig
+
+    def start(self) -> None:
+        self.cluster.start()
+        try:
+            self.api = config.new_client_from_config(str(self.kubeconfig))
+            self.add_nodes(self.nodes, taints=self.taints)
+            assert self.cluster.workdir is not None
+            self.agent = NodeAgent(self.kubeconfig, self.cluster.workdir / "agent", self.cluster.api_port)
+            self.agent.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def add_nodes(
+        self,
+        counts: dict[str, int],
+        *,
+        taints: list[dict[str, str]] | None = None,
+        prefix: str = "",
+        labels: dict[str, str] | None = None,
+    ) -> list[str]:
+        core = client.CoreV1Api(self.api)
+        names = []
+        for name, instance_type in node_names(counts, prefix):
+            core.create_node(node_manifest(name, instance_type, taints=taints, labels=labels))
+            core.patch_node_status(name, node_status(instance_type, now()))
+            # Admission taints every new node not-ready; without a node lifecycle controller, lift it ourselves.
+            core.patch_node(name, {"spec": {"taints": taints or []}})
+            names.append(name)
+        return names
+
+    def create_namespace(self, name: str, timeout: float = 30) -> str:
+        """A namespace whose default service account has its token, so pods can be created right away."""
+        core = client.CoreV1Api(self.api)
+        core.create_namespace({"metadata": {"name": name}})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            accounts = core.list_namespaced_service_account(name, field_selector="metadata.name=default").items
+            if accounts and accounts[0].secrets:
+                return name
+            time.sleep(0.1)
+        raise TimeoutError(f"namespace {name}: the default service account got no token in {timeout} s")
+
+    def stop(self) -> None:
+        if self.agent is not None:
+            self.agent.stop()
+            self.agent = None
+        self.cluster.stop()
