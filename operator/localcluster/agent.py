@@ -413,7 +413,7 @@ class NodeAgent:
         for runner in list(self.runners.values()):
             runner.stop(grace=1)
         if self._thread is not None:
-            self._thread.join(10)
+            self._thread.join(2)  # a watch blocked on a quiet stream ends with the process (daemon thread)
 
     def _simulated_nodes(self, core: client.CoreV1Api) -> set[str]:
         nodes = core.list_node(label_selector=f"{SIMULATED_LABEL}=true").items

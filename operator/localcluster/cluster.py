@@ -211,8 +211,7 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Stop every process group (TERM, then KILL), newest first, and remove the work directory."""
-        for proc in reversed(self.processes):
-            _terminate_group(proc.popen)
+        _terminate_groups([p.popen for p in self.processes])
         self.processes.clear()
         if self.workdir is not None and not self.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -221,22 +220,25 @@ class LocalCluster:
     def restart(self, name: str) -> None:
         """Kill one component and start it again with the same command line (for fault tests)."""
         proc = next(p for p in self.processes if p.name == name)
-        _terminate_group(proc.popen)
+        _terminate_groups([proc.popen])
         self.processes.remove(proc)
         self._spawn(name, list(proc.popen.args))
 
 
-def _terminate_group(popen: subprocess.Popen, grace: float = 10) -> None:
-    if popen.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(popen.pid, signal.SIGTERM)
-    try:
-        popen.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(popen.pid, signal.SIGKILL)
-        popen.wait()
+def _terminate_groups(popens: list[subprocess.Popen], grace: float = 5) -> None:
+    """TERM every process group at once, KILL whatever is left after ``grace`` seconds."""
+    for popen in popens:
+        if popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for popen in popens:
+        try:
+            popen.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
 
 
 def _openssl(*args: str) -> None:
