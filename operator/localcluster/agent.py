@@ -9,7 +9,12 @@ There is no container runtime here, so the agent does what a node must for the p
 - TensorFlow Serving pods (no TF Serving binary exists here): the agent checks what the real server needs, that the
   model base path holds a version whose NeuronOps are tagged for exactly the NeuronCores the pod requests, and then
   reports the pod Running and Ready; otherwise a waiting container with the reason, as a crash-looping server would.
+- IRSA: for a pod whose service account carries an IAM role annotation, the environment EKS's pod identity webhook
+  would inject (AWS_ROLE_ARN, AWS_WEB_IDENTITY_TOKEN_FILE), pointed at the endpoints in ``NodeAgent.aws_env``.
 - Graceful deletion: SIGTERM, the grace period, SIGKILL, then the pod object is removed, as a kubelet does.
+
+Processes run as the agent's own user: the project's virtualenv lives where another user may not read it. The pod's
+securityContext (non-root and the rest) is what the operator's unit tests check; nothing here enforces it.
 
 Pod IPs come from 10.244.0.0/16 for the API's sake only; nothing ever connects to them.
 """
@@ -43,6 +48,7 @@ TERMINATION_TAIL_LINES = 80
 TERMINATION_MAX_BYTES = 2048  # what a kubelet keeps of the logs for FallbackToLogsOnError
 MAX_GRACE_SECONDS = 30
 SERVING_RECHECK_SECONDS = 2.0
+IRSA_ROLE_ANNOTATION = "eks.amazonaws.com/role-arn"
 
 
 def now() -> str:
@@ -91,6 +97,7 @@ class PodRunner(threading.Thread):
         self.stopping = threading.Event()
         self.process: subprocess.Popen | None = None
         self.pod_ip = agent.next_pod_ip()
+        self._irsa: dict[str, str] | None = None
         self.restart_counts: dict[str, int] = {}
 
     @property
@@ -102,6 +109,8 @@ class PodRunner(threading.Thread):
             self._run()
         except Exception as exc:  # a bug or an API failure must show up, not kill the agent silently
             log.exception("pod=%s agent failure: %s", self.ref, exc)
+            with contextlib.suppress(Exception):  # as a kubelet reports a container it cannot create
+                self._report_waiting(self.pod.spec.containers[0].name, "CreateContainerError", str(exc))
 
     def _run(self) -> None:
         spec = self.pod.spec
@@ -201,8 +210,8 @@ class PodRunner(threading.Thread):
         mounts = []
         for vm in container.volume_mounts or []:
             host = volumes[vm.name] / (vm.sub_path or "")
-            if vm.sub_path:
-                host.mkdir(parents=True, exist_ok=True)  # the kubelet creates a missing subPath too
+            if vm.sub_path and not host.exists():
+                host.mkdir(parents=True)  # the kubelet creates a missing subPath too
             mounts.append(Mount(vm.mount_path, host, bool(vm.read_only)))
         return mounts
 
@@ -222,6 +231,7 @@ class PodRunner(threading.Thread):
             "spec.nodeName": self.pod.spec.node_name,
             "status.podIP": self.pod_ip,
         }
+        env.update(self._web_identity())
         for var in container.env or []:
             if var.value is not None:
                 env[var.name] = translate(var.value, mounts)
@@ -229,12 +239,23 @@ class PodRunner(threading.Thread):
                 env[var.name] = fields.get(var.value_from.field_ref.field_path, "")
         return env
 
-    def _user(self, container: Any) -> tuple[int | None, int | None]:
-        pod_ctx = self.pod.spec.security_context
-        ctx = container.security_context
-        uid = (ctx and ctx.run_as_user) or (pod_ctx and pod_ctx.run_as_user)
-        gid = (ctx and ctx.run_as_group) or (pod_ctx and pod_ctx.run_as_group)
-        return uid, gid
+    def _web_identity(self) -> dict[str, str]:
+        """What EKS's pod identity webhook injects for a service account annotated with an IAM role (IRSA), plus the
+        AWS endpoints the agent was given (a local S3 and STS in tests)."""
+        if self._irsa is None:
+            account = self.pod.spec.service_account_name or "default"
+            try:
+                meta = self.core.read_namespaced_service_account(account, self.pod.metadata.namespace).metadata
+            except ApiException:
+                meta = None
+            role = ((meta and meta.annotations) or {}).get(IRSA_ROLE_ANNOTATION)
+            self._irsa = {}
+            if role:
+                token = self.dir / "web-identity-token"
+                token.parent.mkdir(parents=True, exist_ok=True)
+                token.write_text(f"simulated-token-for-{account}")  # the local STS does not verify it
+                self._irsa = {"AWS_ROLE_ARN": role, "AWS_WEB_IDENTITY_TOKEN_FILE": str(token), **self.agent.aws_env}
+        return self._irsa
 
     def _run_container(
         self, container: Any, volumes: dict[str, Path], started: str, init: bool = False
@@ -246,7 +267,6 @@ class PodRunner(threading.Thread):
             return 128, "the node agent needs an explicit command: it cannot read an image's entrypoint"
         if shutil.which(argv[0], path=self._environment(container, mounts)["PATH"]) is None:
             return 127, f"executable file not found in $PATH: {argv[0]}"
-        uid, gid = self._user(container)
         logfile = self.dir / f"{name}.log"
         logfile.parent.mkdir(parents=True, exist_ok=True)
         cwd = translate(container.working_dir, mounts) if container.working_dir else str(self.dir)
@@ -258,9 +278,6 @@ class PodRunner(threading.Thread):
                 stdin=subprocess.DEVNULL,
                 env=self._environment(container, mounts),
                 cwd=cwd,
-                user=uid,
-                group=gid,
-                extra_groups=[] if uid is not None else None,
                 start_new_session=True,
             )
         log.info("pod=%s container=%s started pid=%d argv=%s", self.ref, name, self.process.pid, argv[:1])
@@ -390,6 +407,7 @@ class NodeAgent:
         self.workdir = workdir
         self.api_port = api_port
         self.host_ip = "10.0.0.1"
+        self.aws_env: dict[str, str] = {}  # e.g. AWS_ENDPOINT_URL_STS/S3 of a local S3 server, for IRSA pods
         self.runners: dict[str, PodRunner] = {}
         self._deleting: set[str] = set()
         self._ips = itertools.count(2)

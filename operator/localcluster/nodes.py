@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from neuronmodel_operator.instances import NEURONCORES_PER_NODE
+
 NEURONCORE = "aws.amazon.com/neuroncore"
 NEURON_DEVICE = "aws.amazon.com/neuron"
 NEURON_TAINT = {"key": "aws.amazon.com/neuron", "value": "true", "effect": "NoSchedule"}
@@ -20,20 +22,23 @@ class InstanceType:
     memory_gib: int
 
 
-# NeuronCores per node from shared/reference/neuron.md; devices, vCPUs and memory from the AWS instance pages.
+# Devices, vCPUs and memory (GiB) from the AWS instance pages; NeuronCores from the operator's own table.
+_HARDWARE: dict[str, tuple[int, int, int]] = {
+    "inf1.xlarge": (1, 4, 8),
+    "inf1.2xlarge": (1, 8, 16),
+    "inf1.6xlarge": (4, 24, 48),
+    "inf1.24xlarge": (16, 96, 192),
+    "inf2.xlarge": (1, 4, 16),
+    "inf2.8xlarge": (1, 32, 128),
+    "inf2.24xlarge": (6, 96, 384),
+    "inf2.48xlarge": (12, 192, 768),
+    "trn1.2xlarge": (1, 8, 32),
+    "trn1.32xlarge": (16, 128, 512),
+    "trn1n.32xlarge": (16, 128, 512),
+    "trn2.48xlarge": (16, 192, 2048),
+}
 INSTANCE_TYPES: dict[str, InstanceType] = {
-    "inf1.xlarge": InstanceType(4, 1, 4, 8),
-    "inf1.2xlarge": InstanceType(4, 1, 8, 16),
-    "inf1.6xlarge": InstanceType(16, 4, 24, 48),
-    "inf1.24xlarge": InstanceType(64, 16, 96, 192),
-    "inf2.xlarge": InstanceType(2, 1, 4, 16),
-    "inf2.8xlarge": InstanceType(2, 1, 32, 128),
-    "inf2.24xlarge": InstanceType(12, 6, 96, 384),
-    "inf2.48xlarge": InstanceType(24, 12, 192, 768),
-    "trn1.2xlarge": InstanceType(2, 1, 8, 32),
-    "trn1.32xlarge": InstanceType(32, 16, 128, 512),
-    "trn1n.32xlarge": InstanceType(32, 16, 128, 512),
-    "trn2.48xlarge": InstanceType(64, 16, 192, 2048),
+    name: InstanceType(NEURONCORES_PER_NODE[name], *hardware) for name, hardware in _HARDWARE.items()
 }
 
 

@@ -10,7 +10,7 @@ from kubernetes import client, config
 
 from .agent import NodeAgent, now
 from .cluster import LocalCluster
-from .nodes import node_manifest, node_names, node_status
+from .nodes import SIMULATED_LABEL, node_manifest, node_names, node_status
 
 # Enough variety for the operator's tests: 2-core inf2/trn1, a 12-core inf2.24xlarge, 32-core trn1.32xlarge.
 DEFAULT_NODES = {"inf2.xlarge": 2, "inf2.24xlarge": 1, "trn1.2xlarge": 1, "trn1.32xlarge": 2}
@@ -82,6 +82,25 @@ class SimulatedCluster:
                 return name
             time.sleep(0.1)
         raise TimeoutError(f"namespace {name}: the default service account got no token in {timeout} s")
+
+    def hostpath_volume(self, namespace: str, claim: str, path: Path, storage_class: str = "") -> str:
+        """A PersistentVolume at ``path``, reserved for the claim ``namespace/claim``, as a static provisioner would
+        make it: a PVC of that name and storage class (created before or after) binds to it. Returns the PV's name."""
+        name = f"pv-{namespace}-{claim}"[:253]
+        client.CoreV1Api(self.api).create_persistent_volume(
+            {
+                "metadata": {"name": name, "labels": {SIMULATED_LABEL: "true"}},
+                "spec": {
+                    "capacity": {"storage": "1Ti"},
+                    "accessModes": ["ReadWriteMany", "ReadWriteOnce", "ReadOnlyMany"],
+                    "hostPath": {"path": str(path)},
+                    "storageClassName": storage_class,
+                    "claimRef": {"namespace": namespace, "name": claim},
+                    "persistentVolumeReclaimPolicy": "Retain",
+                },
+            }
+        )
+        return name
 
     def stop(self) -> None:
         if self.agent is not None:

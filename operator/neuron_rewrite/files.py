@@ -6,7 +6,6 @@ import contextlib
 import ctypes
 import errno
 import os
-import secrets
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -124,7 +123,7 @@ def atomic_directory(target: Path, force: bool) -> Iterator[Path]:
     parent = target.parent
     if not parent.is_dir():
         raise OutputError(f"{target}: parent directory {parent} does not exist")
-    staging = parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
+    staging = parent / f".{target.name}.tmp-{os.urandom(4).hex()}"
     try:
         staging.mkdir()
     except OSError as exc:
@@ -151,7 +150,7 @@ def _publish(staging: Path, target: Path, force: bool) -> None:
     if _rename_exchange(staging, target):
         _remove(staging)  # now holds the old output
         return
-    aside = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
+    aside = target.parent / f".{target.name}.old-{os.urandom(4).hex()}"
     os.rename(target, aside)
     os.rename(staging, target)
     _remove(aside)

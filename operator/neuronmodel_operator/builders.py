@@ -1,0 +1,337 @@
+"""Pure functions from a NeuronModel to the objects it needs, as plain dicts. No API calls here."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from .config import OperatorConfig
+from .naming import SPEC_HASH_ANNOTATION, bounded, digest, job_name, labels, selector, serving_name
+
+NEURONCORE = "aws.amazon.com/neuroncore"
+REWRITE_ANNOTATION = "serving.neuron.dev/rewrite"
+VERSION_ANNOTATION = "serving.neuron.dev/version"
+CORES_ANNOTATION = "serving.neuron.dev/cores"
+BATCHING_ANNOTATION = "serving.neuron.dev/batching"
+NONROOT = 65532
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": NONROOT,
+    "runAsGroup": NONROOT,
+    "fsGroup": NONROOT,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+DEFAULT_STRATEGY = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+SOURCE_DIR, STORE_DIR, MODELS_DIR = "/source", "/store", "/models"
+BATCHING_FILE = "/etc/tfserving/batching.config"
+
+
+@dataclass(frozen=True)
+class Model:
+    """The facts of one NeuronModel every builder needs, with defaults applied."""
+
+    name: str
+    namespace: str
+    uid: str
+    spec: dict[str, Any]
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Model:
+        meta = body["metadata"]
+        return cls(meta["name"], meta["namespace"], meta.get("uid", ""), body.get("spec") or {})
+
+    @property
+    def model_name(self) -> str:
+        return (self.spec.get("model") or {}).get("name") or self.name
+
+    @property
+    def version(self) -> int:
+        return int((self.spec.get("model") or {}).get("version") or 1)
+
+    @property
+    def cores(self) -> int:
+        return int(self.spec["numCores"])
+
+    @property
+    def store_path(self) -> str:
+        return (self.spec.get("store") or {}).get("path") or f"{self.namespace}/{self.name}"
+
+    def rewrite_image(self, config: OperatorConfig) -> str:
+        return (self.spec.get("rewrite") or {}).get("image") or config.rewrite_image
+
+    def rewrite_id(self, config: OperatorConfig) -> str:
+        """Identity of the rewrite: what decides its output and where it lands, and nothing else (not replicas)."""
+        store = [self.spec["store"]["claimName"], self.store_path]
+        return digest([self.spec["source"], self.cores, self.version, self.rewrite_image(config), store])
+
+    def rewrite_path(self, rewrite_id: str) -> str:
+        """Directory in the store whose only child is the version folder TF Serving loads."""
+        return f"{self.store_path}/{rewrite_id}"
+
+
+def _with_hash(obj: dict[str, Any]) -> dict[str, Any]:
+    """Stamp the object with a hash of what we asked for, so an update is needed exactly when the hash differs."""
+    obj["metadata"].setdefault("annotations", {})[SPEC_HASH_ANNOTATION] = digest(obj.get("spec", obj.get("data")))
+    return obj
+
+
+def _pull_secrets(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"imagePullSecrets": spec["imagePullSecrets"]} if spec.get("imagePullSecrets") else {}
+
+
+def _service_account(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"serviceAccountName": spec["serviceAccountName"]} if spec.get("serviceAccountName") else {}
+
+
+def rewrite_job(model: Model, config: OperatorConfig) -> dict[str, Any]:
+    """The Job that writes the model tagged for numCores into the store, as version ``model.version``."""
+    spec = model.spec
+    rewrite = spec.get("rewrite") or {}
+    rewrite_id = model.rewrite_id(config)
+    image = model.rewrite_image(config)
+    source = spec["source"]
+    volumes: list[dict[str, Any]] = [
+        {"name": "store", "persistentVolumeClaim": {"claimName": spec["store"]["claimName"]}},
+    ]
+    init_containers = []
+    if "pvc" in source:
+        volumes.append(
+            {"name": "source", "persistentVolumeClaim": {"claimName": source["pvc"]["claimName"], "readOnly": True}}
+        )
+        model_dir = "/".join(p for p in (SOURCE_DIR, source["pvc"].get("path", "")) if p)
+    else:
+        # Downloaded by an init container into a scratch volume that the rewrite then only reads.
+        volumes.append({"name": "source", "emptyDir": {}})
+        model_dir = f"{SOURCE_DIR}/model"
+        uri = source["s3"]["uri"] if "s3" in source else source["http"]["url"]
+        env = []
+        if "s3" in source:
+            if source["s3"].get("region"):
+                env.append({"name": "AWS_REGION", "value": source["s3"]["region"]})
+            if source["s3"].get("endpointUrl"):
+                env.append({"name": "AWS_ENDPOINT_URL_S3", "value": source["s3"]["endpointUrl"]})
+        init_containers.append(
+            {
+                "name": "fetch",
+                "image": image,
+                "command": ["neuron-model-fetch", uri, model_dir],
+                "env": env,
+                "volumeMounts": [{"name": "source", "mountPath": SOURCE_DIR}],
+                "securityContext": CONTAINER_SECURITY,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+            }
+        )
+    container = {
+        "name": "rewrite",
+        "image": image,
+        "command": [
+            "tf-neuron-auto-multicore",
+            model_dir,
+            "--num_cores",
+            str(model.cores),
+            "--new_model_dir",
+            f"{STORE_DIR}/{model.version}",
+            "--force",  # a retried Job replaces what an interrupted attempt published
+            "--fsync",
+        ],
+        "volumeMounts": [
+            {"name": "source", "mountPath": SOURCE_DIR, "readOnly": True},
+            {"name": "store", "mountPath": STORE_DIR, "subPath": model.rewrite_path(rewrite_id)},
+        ],
+        "securityContext": CONTAINER_SECURITY,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        # The rewrite streams the model: its memory does not grow with the model's size.
+        "resources": {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+    }
+    pod_labels = labels(model.name, "rewrite") | {"serving.neuron.dev/rewrite": rewrite_id}
+    return _with_hash(
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": job_name(model.name, rewrite_id), "namespace": model.namespace, "labels": pod_labels},
+            "spec": {
+                "backoffLimit": rewrite.get("backoffLimit", 2),
+                "activeDeadlineSeconds": rewrite.get("activeDeadlineSeconds", 1800),
+                "template": {
+                    "metadata": {"labels": pod_labels},
+                    "spec": {
+                        "restartPolicy": "Never",
+                        "securityContext": POD_SECURITY,
+                        "initContainers": init_containers,
+                        "containers": [container],
+                        "volumes": volumes,
+                        **_service_account(spec),
+                        **_pull_secrets(spec),
+                    },
+                },
+            },
+        }
+    )
+
+
+def _batching(serving: dict[str, Any]) -> dict[str, Any] | None:
+    batching = serving.get("batching") or {}
+    return batching if batching.get("enabled") else None
+
+
+def batching_config_map(model: Model) -> dict[str, Any] | None:
+    """TF Serving's batching parameters file, when batching is on."""
+    batching = _batching(model.spec["serving"])
+    if batching is None:
+        return None
+    params = {
+        "max_batch_size": batching.get("maxBatchSize", 8),
+        "batch_timeout_micros": batching.get("batchTimeoutMicros", 1000),
+        "num_batch_threads": batching.get("numBatchThreads", 4),
+        "max_enqueued_batches": batching.get("maxEnqueuedBatches", 100),
+    }
+    text = "".join(f"{key} {{ value: {value} }}\n" for key, value in params.items())
+    return _with_hash(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": bounded(model.name, "-batching"),
+                "namespace": model.namespace,
+                "labels": labels(model.name, "serving"),
+            },
+            "data": {"batching.config": text},
+        }
+    )
+
+
+def serving_deployment(model: Model, config: OperatorConfig, rewrite_id: str) -> dict[str, Any]:
+    """TF Serving pods on numCores NeuronCores each, serving the rewrite ``rewrite_id``."""
+    spec = model.spec
+    serving = spec["serving"]
+    grpc, rest = serving.get("grpcPort", 8500), serving.get("restPort", 8501)
+    base_path = f"{MODELS_DIR}/{model.model_name}"
+    args = [
+        f"--port={grpc}",
+        f"--rest_api_port={rest}",
+        f"--model_name={model.model_name}",
+        f"--model_base_path={base_path}",
+    ]
+    mounts = [
+        {"name": "models", "mountPath": base_path, "subPath": model.rewrite_path(rewrite_id), "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "models", "persistentVolumeClaim": {"claimName": spec["store"]["claimName"], "readOnly": True}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    template_annotations = {REWRITE_ANNOTATION: rewrite_id}
+    config_map = batching_config_map(model)
+    if config_map is not None:
+        args += ["--enable_batching=true", f"--batching_parameters_file={BATCHING_FILE}"]
+        mounts.append({"name": "batching", "mountPath": BATCHING_FILE, "subPath": "batching.config", "readOnly": True})
+        volumes.append({"name": "batching", "configMap": {"name": config_map["metadata"]["name"]}})
+        # TF Serving reads the file once: a change of parameters must roll the pods.
+        template_annotations[BATCHING_ANNOTATION] = config_map["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+    resources = copy.deepcopy(serving.get("resources") or {})
+    for kind in ("requests", "limits"):
+        resources.setdefault(kind, {})[NEURONCORE] = str(model.cores)
+    model_path = f"/v1/models/{model.model_name}"
+    startup_timeout = serving.get("startupTimeoutSeconds", 600)
+    container = {
+        "name": "tfserving",
+        "image": serving["image"],
+        "command": serving.get("command") or ["tensorflow_model_server_neuronx"],
+        "args": args + list(serving.get("extraArgs") or []),
+        "ports": [
+            {"name": "grpc", "containerPort": grpc, "protocol": "TCP"},
+            {"name": "http", "containerPort": rest, "protocol": "TCP"},
+        ],
+        "env": list(serving.get("env") or []),
+        "resources": resources,
+        # "Ready" means the model is loaded, not that the port is open.
+        "readinessProbe": {"httpGet": {"path": model_path, "port": "http"}, "periodSeconds": 5, "failureThreshold": 3},
+        "startupProbe": {
+            "httpGet": {"path": model_path, "port": "http"},
+            "periodSeconds": 10,
+            "failureThreshold": max(1, startup_timeout // 10),
+        },
+        "livenessProbe": {"tcpSocket": {"port": "grpc"}, "periodSeconds": 10, "failureThreshold": 6},
+        "volumeMounts": mounts,
+        "securityContext": CONTAINER_SECURITY,
+    }
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "securityContext": POD_SECURITY,
+        "tolerations": list(spec.get("tolerations") or config.default_tolerations),
+        **_service_account(spec),
+        **_pull_secrets(spec),
+    }
+    for key in ("nodeSelector", "affinity"):
+        if spec.get(key):
+            pod_spec[key] = spec[key]
+    scheduler = spec.get("schedulerName") or config.scheduler_name
+    if scheduler:
+        pod_spec["schedulerName"] = scheduler
+    return _with_hash(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {
+                "name": serving_name(model.name),
+                "namespace": model.namespace,
+                "labels": labels(model.name, "serving"),
+                "annotations": {
+                    REWRITE_ANNOTATION: rewrite_id,
+                    VERSION_ANNOTATION: str(model.version),
+                    CORES_ANNOTATION: str(model.cores),
+                },
+            },
+            "spec": {
+                "replicas": spec.get("replicas", 1),
+                "selector": {"matchLabels": selector(model.name)},
+                "strategy": spec.get("strategy") or DEFAULT_STRATEGY,
+                "template": {
+                    "metadata": {
+                        "labels": labels(model.name, "serving") | selector(model.name),
+                        "annotations": template_annotations,
+                    },
+                    "spec": pod_spec,
+                },
+            },
+        }
+    )
+
+
+def serving_service(model: Model) -> dict[str, Any]:
+    serving = model.spec["serving"]
+    return _with_hash(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": serving_name(model.name),
+                "namespace": model.namespace,
+                "labels": labels(model.name, "serving"),
+            },
+            "spec": {
+                "selector": selector(model.name),
+                "ports": [
+                    {"name": "grpc", "port": serving.get("grpcPort", 8500), "targetPort": "grpc", "protocol": "TCP"},
+                    {"name": "http", "port": serving.get("restPort", 8501), "targetPort": "http", "protocol": "TCP"},
+                ],
+            },
+        }
+    )
+
+
+def endpoints(model: Model) -> dict[str, str]:
+    serving = model.spec["serving"]
+    host = f"{serving_name(model.name)}.{model.namespace}.svc"
+    return {
+        "grpc": f"{host}:{serving.get('grpcPort', 8500)}",
+        "rest": f"http://{host}:{serving.get('restPort', 8501)}/v1/models/{model.model_name}",
+    }

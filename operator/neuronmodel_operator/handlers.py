@@ -1,0 +1,143 @@
+"""Kopf handlers: keep in-memory indexes of NeuronModels and their children, and reconcile on every change.
+
+Every handler is an event handler: it stores nothing on the objects (no progress annotations, no finalizer), so
+the only API writes are the children and the status the reconcile decides on, and deleting a model never waits
+for the operator.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import kopf
+import kubernetes
+from kubernetes.client.rest import ApiException
+
+from .config import OperatorConfig
+from .naming import GROUP, MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL, model_label
+from .reconcile import VERSION, Api, Children, reconcile
+
+OWNED = {MANAGED_BY_LABEL: MANAGED_BY}
+RETRY_SECONDS, MAX_RETRY_SECONDS = 2, 60
+log = logging.getLogger("neuronmodel_operator")
+_state: dict[str, Any] = {}
+# ownerReferences too: a PUT replace sends back the references it read, or the children would be orphaned.
+_METADATA = (
+    "name",
+    "namespace",
+    "uid",
+    "generation",
+    "labels",
+    "annotations",
+    "ownerReferences",
+    "creationTimestamp",
+    "deletionTimestamp",
+)
+
+
+def _slim(body: kopf.Body) -> dict[str, Any]:
+    """What the reconcile reads of an object: a plain copy, so an index holds no live view."""
+    meta = body["metadata"]
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {k: meta.get(k) or ({} if k in ("labels", "annotations") else None) for k in _METADATA},
+        "spec": dict(body.get("spec") or {}) if body.get("kind") != "Pod" else {},
+        "status": dict(body.get("status") or {}),
+    }
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    _state["config"] = OperatorConfig.from_env()
+    _state["api"] = Api()
+    logger.info("operator configured: rewrite image default %r", _state["config"].rewrite_image or "(none)")
+
+
+@kopf.on.probe(id="indexes")
+def probe(**_: Any) -> bool:
+    return "api" in _state
+
+
+# Indexes: (namespace, model label) -> bodies -------------------------------------------------------------------
+
+
+@kopf.index(GROUP, VERSION, "neuronmodels")
+def models_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, model_label(name)): _slim(body)}
+
+
+def _child_key(namespace: str, labels: kopf.Labels) -> tuple[str, str]:
+    return (namespace, labels.get(MODEL_LABEL, ""))
+
+
+@kopf.index("batch", "v1", "jobs", labels=OWNED)
+def jobs_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    return {_child_key(namespace, labels): _slim(body)}
+
+
+@kopf.index("apps", "v1", "deployments", labels=OWNED)
+def deployments_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    return {_child_key(namespace, labels): _slim(body)}
+
+
+@kopf.index("v1", "services", labels=OWNED)
+def services_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    return {_child_key(namespace, labels): _slim(body)}
+
+
+@kopf.index("v1", "configmaps", labels=OWNED)
+def configmaps_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    return {_child_key(namespace, labels): _slim(body)}
+
+
+@kopf.index("v1", "pods", labels=OWNED)
+def pods_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    return {_child_key(namespace, labels): _slim(body)}
+
+
+# Reconcile triggers ---------------------------------------------------------------------------------------------
+
+
+def _reconcile_key(key: tuple[str, str], indexes: dict[str, kopf.Index], attempt: int = 0) -> None:
+    if "api" not in _state or key not in indexes["models_index"]:
+        return
+    models = list(indexes["models_index"][key])
+    if not models:
+        return
+
+    def of(index: str) -> list:
+        return list(indexes[index].get(key, []))
+
+    children = Children(
+        of("jobs_index"), of("deployments_index"), of("services_index"), of("configmaps_index"), of("pods_index")
+    )
+    try:
+        reconcile(models[0], children, _state["api"], _state["config"])
+    except (ApiException, OSError) as exc:
+        # Event handlers are not retried by Kopf, and no finalizer should hold a model for a timer: retry here.
+        delay = min(RETRY_SECONDS * 2**attempt, MAX_RETRY_SECONDS)
+        log.warning("reconcile of %s/%s failed (%s); retrying in %d s", key[0], key[1], exc, delay)
+        threading.Timer(delay, _reconcile_key, (key, indexes, attempt + 1)).start()
+
+
+@kopf.on.event(GROUP, VERSION, "neuronmodels")
+def model_changed(type: str, namespace: str, name: str, **kwargs: Any) -> None:
+    if type != "DELETED":
+        _reconcile_key((namespace, model_label(name)), kwargs)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=OWNED)
+@kopf.on.event("apps", "v1", "deployments", labels=OWNED)
+@kopf.on.event("v1", "services", labels=OWNED)
+@kopf.on.event("v1", "pods", labels=OWNED)
+def child_changed(namespace: str, labels: kopf.Labels, **kwargs: Any) -> None:
+    _reconcile_key(_child_key(namespace, labels), kwargs)

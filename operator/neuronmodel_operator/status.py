@@ -1,0 +1,210 @@
+"""One pure function from what the operator observes to the NeuronModel's status: status is a view of reality."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .builders import CORES_ANNOTATION, REWRITE_ANNOTATION, VERSION_ANNOTATION, Model, endpoints
+from .naming import selector_string
+from .validation import SpecError
+
+REWRITE_SUCCEEDED, AVAILABLE, READY = "RewriteSucceeded", "Available", "Ready"
+_SERVER_FAILURES = ("CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff", "CreateContainerError")
+
+
+@dataclass
+class Observed:
+    """The children of one NeuronModel as last seen (plain dicts, from the operator's in-memory indexes)."""
+
+    job: dict[str, Any] | None = None  # the Job of the current rewrite
+    job_pods: list[dict[str, Any]] = field(default_factory=list)
+    deployment: dict[str, Any] | None = None
+    serving_pods: list[dict[str, Any]] = field(default_factory=list)
+    service: dict[str, Any] | None = None
+
+
+def job_outcome(job: dict[str, Any] | None) -> str:
+    """ "Complete", "Failed", or "Running" (also for a Job not created yet: None)."""
+    for condition in (job or {}).get("status", {}).get("conditions") or []:
+        if condition.get("status") == "True" and condition.get("type") in ("Complete", "Failed"):
+            return condition["type"]
+    return "Running"
+
+
+def _failure_message(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
+    """The rewrite's own error line (its pod's termination message), with the Job's reason."""
+    failed = next(
+        (c for c in job.get("status", {}).get("conditions") or [] if c.get("type") == "Failed"), {"reason": "Failed"}
+    )
+    detail = ""
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True):
+        pod_status = pod.get("status") or {}
+        statuses = [*(pod_status.get("initContainerStatuses") or []), *(pod_status.get("containerStatuses") or [])]
+        for status in statuses:
+            message = ((status.get("state") or {}).get("terminated") or {}).get("message") or ""
+            lines = [line for line in message.splitlines() if line.strip()]
+            errors = [line for line in lines if "error" in line.lower()]
+            if lines:
+                detail = (errors or lines)[-1].strip()
+                break
+        if detail:
+            break
+    reason = failed.get("reason") or "Failed"
+    base = f"rewrite Job {job['metadata']['name']} failed ({reason})"
+    return f"{base}: {detail}" if detail else f"{base}: {failed.get('message', 'no message from the pod')}"
+
+
+def _serving_problem(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """Why serving pods are not ready, in the scheduler's or the server's own words."""
+    for pod in pods:
+        for condition in pod.get("status", {}).get("conditions") or []:
+            if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+                return (
+                    "Unschedulable",
+                    f"pod {pod['metadata']['name']} cannot be scheduled: {condition.get('message', '')}",
+                )
+    for pod in pods:
+        for status in pod.get("status", {}).get("containerStatuses") or []:
+            waiting = (status.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in _SERVER_FAILURES:
+                message = waiting.get("message") or waiting["reason"]
+                return "ModelLoadFailed", f"pod {pod['metadata']['name']}: {waiting['reason']}: {message}"
+    return None
+
+
+def _condition(kind: str, ok: bool | None, reason: str, message: str) -> dict[str, Any]:
+    status = "Unknown" if ok is None else str(ok)
+    return {"type": kind, "status": status, "reason": reason, "message": message}
+
+
+def compute_status(
+    model: Model,
+    generation: int,
+    rewrite_id: str | None,
+    error: SpecError | None,
+    observed: Observed,
+    previous: dict[str, Any],
+    now: str,
+) -> dict[str, Any]:
+    spec = model.spec
+    desired = spec.get("replicas", 1)
+    deployment = observed.deployment
+    dep_status = (deployment or {}).get("status") or {}
+    annotations = ((deployment or {}).get("metadata") or {}).get("annotations") or {}
+    served_id = annotations.get(REWRITE_ANNOTATION)
+    outcome = job_outcome(observed.job)
+
+    if error is not None:
+        rewrite = _condition(REWRITE_SUCCEEDED, None, error.reason, str(error))
+    elif outcome == "Complete":
+        rewrite = _condition(
+            REWRITE_SUCCEEDED,
+            True,
+            "RewriteSucceeded",
+            f"every NeuronOp tagged for {model.cores} NeuronCores, published as version {model.version}",
+        )
+    elif outcome == "Failed":
+        message = _failure_message(observed.job or {}, observed.job_pods)
+        rewrite = _condition(REWRITE_SUCCEEDED, False, "RewriteFailed", message)
+    else:
+        job = (observed.job or {}).get("metadata", {}).get("name", "(creating)")
+        rewrite = _condition(
+            REWRITE_SUCCEEDED,
+            False,
+            "RewriteRunning",
+            f"rewriting the model for {model.cores} NeuronCores in Job {job}",
+        )
+
+    available_replicas = dep_status.get("availableReplicas") or 0
+    dep_available = any(
+        c.get("type") == "Available" and c.get("status") == "True" for c in dep_status.get("conditions") or []
+    )
+    if deployment is None:
+        available = _condition(AVAILABLE, False, "NotDeployed", "no serving pods yet: waiting for the rewrite")
+    elif available_replicas > 0 or (dep_available and desired == 0):
+        available = _condition(
+            AVAILABLE, True, "MinimumReplicasAvailable", f"{available_replicas} serving pod(s) have the model loaded"
+        )
+    else:
+        available = _condition(AVAILABLE, False, "NoReplicasAvailable", "no serving pod has the model loaded")
+
+    ready_replicas = dep_status.get("readyReplicas") or 0
+    updated = dep_status.get("updatedReplicas") or 0
+    current_rollout = (
+        deployment is not None
+        and served_id == rewrite_id
+        and (dep_status.get("observedGeneration") or 0) >= (deployment["metadata"].get("generation") or 0)
+        and updated == desired
+        and ready_replicas == desired
+        and available_replicas == desired
+        and (dep_status.get("replicas") or 0) == desired
+    )
+    problem = _serving_problem(observed.serving_pods)
+    progress_failed = any(
+        c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded"
+        for c in dep_status.get("conditions") or []
+    )
+    if error is not None:
+        ready = _condition(READY, False, error.reason, str(error))
+        phase = "Failed"
+    elif outcome == "Failed":
+        ready = _condition(READY, False, "RewriteFailed", rewrite["message"])
+        phase = "Degraded" if available["status"] == "True" else "Failed"
+    elif current_rollout and outcome == "Complete":
+        ready = _condition(
+            READY,
+            True,
+            "ModelServing",
+            f"{ready_replicas} of {desired} pod(s) serve version {model.version} on {model.cores} NeuronCores each",
+        )
+        phase = "Ready"
+    elif outcome != "Complete":
+        keep = " (the current pods keep serving the previous rewrite)" if deployment is not None else ""
+        ready = _condition(READY, False, "RewriteRunning", rewrite["message"] + keep)
+        phase = "Rewriting"
+    elif problem is not None:
+        ready = _condition(READY, False, *problem)
+        if available["status"] == "True":
+            phase = "Degraded"
+        else:
+            phase = "Pending" if problem[0] == "Unschedulable" else "Failed"
+    elif progress_failed:
+        ready = _condition(READY, False, "ProgressDeadlineExceeded", "the serving Deployment made no progress in time")
+        phase = "Degraded" if available["status"] == "True" else "Failed"
+    else:
+        ready = _condition(
+            READY,
+            False,
+            "RollingOut",
+            f"Waiting for deployment rollout to finish: {available_replicas} of {desired} updated replicas "
+            "are available",
+        )
+        phase = "Deploying"
+
+    conditions = []
+    old = {c.get("type"): c for c in previous.get("conditions") or []}
+    for condition in (rewrite, available, ready):
+        before = old.get(condition["type"])
+        changed = before is None or before.get("status") != condition["status"]
+        condition["lastTransitionTime"] = now if changed else before.get("lastTransitionTime", now)
+        condition["observedGeneration"] = generation
+        conditions.append(condition)
+
+    status: dict[str, Any] = {
+        "phase": phase,
+        "observedGeneration": generation,
+        "conditions": conditions,
+        "replicas": dep_status.get("replicas") or 0,
+        "readyReplicas": ready_replicas,
+        "selector": selector_string(model.name),
+        "servedVersion": int(annotations[VERSION_ANNOTATION]) if VERSION_ANNOTATION in annotations else None,
+        "servedCores": int(annotations[CORES_ANNOTATION]) if CORES_ANNOTATION in annotations else None,
+        "rewrite": {
+            "id": rewrite_id,
+            "job": (observed.job or {}).get("metadata", {}).get("name"),
+            "path": model.rewrite_path(rewrite_id) if rewrite_id else None,
+        },
+        "endpoints": endpoints(model) if observed.service is not None and error is None else None,
+    }
+    return status

@@ -1,0 +1,167 @@
+"""The operator against the real local control plane: CRD, store and source volumes, the operator process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from localcluster.simcluster import SimulatedCluster
+from neuron_modelgen import Options, build_model
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = REPO / "crds" / "neuronmodel.yaml"
+GROUP, VERSION, PLURAL = "serving.neuron.dev", "v1alpha1", "neuronmodels"
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 90, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def crd(cluster: SimulatedCluster) -> None:
+    cluster.cluster.kubectl("apply", "-f", str(CRD))
+    wait_for(
+        lambda: cluster.cluster.kubectl("get", "neuronmodels", "-A", check=False).returncode == 0,
+        what="CRD established",
+    )
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Compiled models the NeuronModels' sources point at (the operator only reads them)."""
+    root = tmp_path_factory.mktemp("sources")
+    return {
+        "resnet50": build_model(root / "resnet50", Options(kind="tf2")),
+        "bert": build_model(root / "bert", Options(kind="tf1")),
+        "pipelined": build_model(root / "pipelined", Options(pipeline=4)),
+    }
+
+
+class Env:
+    """One test's namespace, volumes and operator process."""
+
+    def __init__(self, cluster: SimulatedCluster, namespace: str, tmp: Path) -> None:
+        self.cluster, self.namespace, self.tmp = cluster, namespace, tmp
+        self.core = client.CoreV1Api(cluster.api)
+        self.apps = client.AppsV1Api(cluster.api)
+        self.batch = client.BatchV1Api(cluster.api)
+        self.custom = client.CustomObjectsApi(cluster.api)
+        self.operator: subprocess.Popen | None = None
+        self.log = tmp / "operator.log"
+        self.volumes: list[str] = []
+
+    def hostpath_claim(self, claim: str, path: Path, storage_class: str = "", create_claim: bool = True) -> None:
+        """A PVC bound to a hostPath PV at ``path``; with ``create_claim=False`` only the PV, for a manifest's PVC."""
+        self.volumes.append(self.cluster.hostpath_volume(self.namespace, claim, path, storage_class))
+        if create_claim:
+            self.core.create_namespaced_persistent_volume_claim(
+                self.namespace,
+                {
+                    "metadata": {"name": claim},
+                    "spec": {
+                        "accessModes": ["ReadWriteMany"],
+                        "resources": {"requests": {"storage": "10Gi"}},
+                        "storageClassName": storage_class,
+                    },
+                },
+            )
+
+    def start_operator(self) -> None:
+        env = dict(os.environ, KUBECONFIG=str(self.cluster.kubeconfig), NEURONMODEL_REWRITE_IMAGE="local/rewrite:test")
+        with self.log.open("ab") as out:
+            self.operator = subprocess.Popen(
+                [sys.executable, "-m", "neuronmodel_operator", "--standalone", "-n", self.namespace, "--liveness", ""],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+
+    def kill_operator(self) -> None:
+        if self.operator is not None and self.operator.poll() is None:
+            os.killpg(self.operator.pid, signal.SIGKILL)
+            self.operator.wait()
+        self.operator = None
+
+    def stop_operator(self) -> None:
+        if self.operator is not None and self.operator.poll() is None:
+            os.killpg(self.operator.pid, signal.SIGTERM)
+            try:
+                self.operator.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill_operator()
+        self.operator = None
+
+    def apply(self, manifest: dict[str, Any] | str) -> subprocess.CompletedProcess[str]:
+        text = manifest if isinstance(manifest, str) else yaml.safe_dump(manifest)
+        return self.cluster.cluster.kubectl("apply", "-n", self.namespace, "-f", "-", input=text, check=False)
+
+    def model(self, name: str) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec})
+
+    def status(self, name: str) -> dict[str, Any]:
+        return self.model(name).get("status") or {}
+
+    def condition(self, name: str, kind: str) -> dict[str, Any]:
+        return next((c for c in self.status(name).get("conditions") or [] if c["type"] == kind), {})
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 120) -> dict[str, Any]:
+        try:
+            return wait_for(lambda: self.status(name).get("phase") == phase and self.status(name), timeout, phase)
+        except AssertionError:
+            tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-40:]) if self.log.exists() else ""
+            raise AssertionError(
+                f"{name} never reached {phase}; status: {self.status(name)}\noperator log:\n{tail}"
+            ) from None
+
+    def jobs(self) -> list[Any]:
+        return self.batch.list_namespaced_job(self.namespace).items
+
+
+@pytest.fixture
+def env(cluster: SimulatedCluster, crd: None, namespace: str, tmp_path: Path) -> Iterator[Env]:
+    environment = Env(cluster, namespace, tmp_path)
+    store = tmp_path / "store"
+    store.mkdir()
+    environment.hostpath_claim("model-store", store)
+    environment.start_operator()
+    yield environment
+    environment.stop_operator()
+    for pv in environment.volumes:
+        environment.core.delete_persistent_volume(pv)
+
+
+def neuron_model(name: str, source_claim: str, *, cores: int = 2, replicas: int = 1, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "NeuronModel",
+        "metadata": {"name": name},
+        "spec": {
+            "source": {"pvc": {"claimName": source_claim}},
+            "numCores": cores,
+            "replicas": replicas,
+            "store": {"claimName": "model-store"},
+            "serving": {"image": "public.ecr.aws/neuron/tensorflow-inference-neuronx:test"},
+            **spec,
+        },
+    }

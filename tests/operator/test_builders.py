@@ -1,0 +1,503 @@
+"""The objects a NeuronModel needs, built as plain dicts: rewrite Job, serving Deployment, Service, ConfigMap."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from unit_helpers import DNS1123_LABEL, NAMESPACE, REWRITE_IMAGE, SERVING_IMAGE, make_model, make_spec
+
+from neuronmodel_operator.builders import (
+    NEURONCORE,
+    Model,
+    batching_config_map,
+    endpoints,
+    rewrite_job,
+    serving_deployment,
+    serving_service,
+)
+from neuronmodel_operator.config import OperatorConfig
+from neuronmodel_operator.naming import SPEC_HASH_ANNOTATION, job_name
+
+CONFIG = OperatorConfig(
+    rewrite_image="registry.example.com/neuron/rewrite:default",
+    scheduler_name="neuron-scheduler",
+    default_tolerations=[{"key": "aws.amazon.com/neuron", "operator": "Exists", "effect": "NoSchedule"}],
+)
+
+
+def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
+    return obj["spec"]["template"]["spec"]
+
+
+def container(obj: dict[str, Any], name: str) -> dict[str, Any]:
+    spec = pod_spec(obj)
+    return next(c for c in [*spec.get("initContainers", []), *spec["containers"]] if c["name"] == name)
+
+
+def volume(obj: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(v for v in pod_spec(obj)["volumes"] if v["name"] == name)
+
+
+def mount(obj: dict[str, Any], container_name: str, name: str) -> dict[str, Any]:
+    return next(m for m in container(obj, container_name)["volumeMounts"] if m["name"] == name)
+
+
+def deployment(model: Model, config: OperatorConfig = CONFIG) -> dict[str, Any]:
+    return serving_deployment(model, config, model.rewrite_id(config))
+
+
+# The rewrite Job
+
+
+def test_rewrite_job_for_a_pvc_source() -> None:
+    model = make_model(numCores=4, model={"name": "resnet50", "version": 3})
+    job = rewrite_job(model, CONFIG)
+    rewrite_id = model.rewrite_id(CONFIG)
+
+    assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job"
+    assert job["metadata"]["name"] == job_name("resnet50", rewrite_id)
+    assert job["metadata"]["namespace"] == NAMESPACE
+    assert job["spec"]["backoffLimit"] == 2 and job["spec"]["activeDeadlineSeconds"] == 1800
+    assert pod_spec(job)["restartPolicy"] == "Never"
+    assert pod_spec(job)["initContainers"] == []
+
+    assert volume(job, "source")["persistentVolumeClaim"] == {"claimName": "compiled-models", "readOnly": True}
+    assert volume(job, "store")["persistentVolumeClaim"] == {"claimName": "model-store"}
+    assert mount(job, "rewrite", "source") == {"name": "source", "mountPath": "/source", "readOnly": True}
+
+    rewrite = container(job, "rewrite")
+    assert rewrite["image"] == REWRITE_IMAGE
+    assert rewrite["command"][:6] == [
+        "tf-neuron-auto-multicore",
+        "/source/resnet50/neuron",
+        "--num_cores",
+        "4",
+        "--new_model_dir",
+        "/store/3",
+    ]
+    assert rewrite["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+    store = mount(job, "rewrite", "store")
+    assert store["mountPath"] == "/store"
+    assert store["subPath"] == model.rewrite_path(rewrite_id) == f"{NAMESPACE}/resnet50/{rewrite_id}"
+    assert "readOnly" not in store or store["readOnly"] is False
+
+    # Job, and its pods, carry the rewrite id: the reconcile finds them by it.
+    assert job["metadata"]["labels"]["serving.neuron.dev/rewrite"] == rewrite_id
+    assert job["spec"]["template"]["metadata"]["labels"]["serving.neuron.dev/rewrite"] == rewrite_id
+    assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "rewrite"
+
+
+def test_rewrite_job_pvc_source_without_path_reads_the_claim_root() -> None:
+    job = rewrite_job(make_model(source={"pvc": {"claimName": "compiled-models"}}), CONFIG)
+    assert container(job, "rewrite")["command"][1] == "/source"
+
+
+def test_rewrite_job_runs_restricted() -> None:
+    for source in ({"pvc": {"claimName": "c"}}, {"s3": {"uri": "s3://models/resnet50/"}}):
+        job = rewrite_job(make_model(source=source), CONFIG)
+        security = pod_spec(job)["securityContext"]
+        assert security["runAsNonRoot"] is True
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert isinstance(security["runAsUser"], int) and security["runAsUser"] != 0
+        for spec in [*pod_spec(job)["initContainers"], *pod_spec(job)["containers"]]:
+            context = spec["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["readOnlyRootFilesystem"] is True
+            assert context["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_rewrite_job_for_an_s3_source() -> None:
+    source = {"s3": {"uri": "s3://models/resnet50/", "region": "us-west-2", "endpointUrl": "https://minio.example.com"}}
+    model = make_model(source=source, serviceAccountName="model-reader", imagePullSecrets=[{"name": "ecr"}])
+    job = rewrite_job(model, CONFIG)
+
+    fetch = container(job, "fetch")
+    assert [c["name"] for c in pod_spec(job)["initContainers"]] == ["fetch"]
+    assert fetch["image"] == REWRITE_IMAGE
+    assert fetch["command"] == ["neuron-model-fetch", "s3://models/resnet50/", "/source/model"]
+    assert fetch["env"] == [
+        {"name": "AWS_REGION", "value": "us-west-2"},
+        {"name": "AWS_ENDPOINT_URL_S3", "value": "https://minio.example.com"},
+    ]
+    assert {"name": "source", "mountPath": "/source"} in fetch["volumeMounts"]
+    assert volume(job, "source") == {"name": "source", "emptyDir": {}}
+    # The rewrite reads what the fetch wrote, read-only.
+    assert container(job, "rewrite")["command"][1] == "/source/model"
+    assert mount(job, "rewrite", "source")["readOnly"] is True
+    assert pod_spec(job)["serviceAccountName"] == "model-reader"
+    assert pod_spec(job)["imagePullSecrets"] == [{"name": "ecr"}]
+
+
+def test_rewrite_job_s3_without_region_sets_no_env() -> None:
+    job = rewrite_job(make_model(source={"s3": {"uri": "s3://models/resnet50/"}}), CONFIG)
+    assert container(job, "fetch")["env"] == []
+    assert "serviceAccountName" not in pod_spec(job)
+    assert "imagePullSecrets" not in pod_spec(job)
+
+
+def test_rewrite_job_for_an_http_source() -> None:
+    url = "https://models.example.com/resnet50.tar.gz"
+    job = rewrite_job(make_model(source={"http": {"url": url}}), CONFIG)
+    fetch = container(job, "fetch")
+    assert fetch["command"] == ["neuron-model-fetch", url, "/source/model"]
+    assert fetch["env"] == []
+    assert volume(job, "source") == {"name": "source", "emptyDir": {}}
+    assert container(job, "rewrite")["command"][1] == "/source/model"
+
+
+def test_rewrite_job_uses_the_operator_image_when_the_spec_names_none() -> None:
+    model = make_model(rewrite={}, source={"s3": {"uri": "s3://models/resnet50/"}})
+    job = rewrite_job(model, CONFIG)
+    assert container(job, "rewrite")["image"] == CONFIG.rewrite_image
+    assert container(job, "fetch")["image"] == CONFIG.rewrite_image
+
+
+def test_rewrite_job_honours_backoff_and_deadline() -> None:
+    model = make_model(rewrite={"image": REWRITE_IMAGE, "backoffLimit": 0, "activeDeadlineSeconds": 60})
+    job = rewrite_job(model, CONFIG)
+    assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] == 60
+
+
+# The rewrite id
+
+
+def test_rewrite_id_ignores_what_does_not_change_the_rewritten_model() -> None:
+    base = make_model().rewrite_id(CONFIG)
+    assert make_model(replicas=7).rewrite_id(CONFIG) == base
+    assert make_model(serving={"image": "other/tfserving:2", "restPort": 9000}).rewrite_id(CONFIG) == base
+    assert make_model(tolerations=[{"key": "x", "operator": "Exists"}]).rewrite_id(CONFIG) == base
+    assert make_model(model={"name": "renamed", "version": 1}).rewrite_id(CONFIG) == base
+    assert make_model().rewrite_id(OperatorConfig(rewrite_image="unused/default:9")) == base
+
+
+def test_rewrite_id_follows_what_changes_the_rewritten_model() -> None:
+    base = make_model().rewrite_id(CONFIG)
+    changed = {
+        "numCores": make_model(numCores=4),
+        "source": make_model(source={"pvc": {"claimName": "compiled-models", "path": "resnet50/v2"}}),
+        "source kind": make_model(source={"s3": {"uri": "s3://models/resnet50/"}}),
+        "version": make_model(model={"name": "resnet50", "version": 2}),
+        "rewrite image": make_model(rewrite={"image": "registry.example.com/neuron/rewrite:0.2.0"}),
+        # A new store must receive its own copy: the old Job's output is not there.
+        "store claim": make_model(store={"claimName": "other-store"}),
+        "store path": make_model(store={"claimName": "model-store", "path": "team-a/resnet50"}),
+    }
+    ids = {what: model.rewrite_id(CONFIG) for what, model in changed.items()}
+    for what, rewrite_id in ids.items():
+        assert rewrite_id != base, what
+    assert len(set(ids.values())) == len(ids)
+    # With no image in the spec, the operator's default is part of the identity.
+    bare = make_model(rewrite={})
+    assert bare.rewrite_id(OperatorConfig(rewrite_image="a:1")) != bare.rewrite_id(OperatorConfig(rewrite_image="a:2"))
+
+
+def test_the_job_name_follows_the_rewrite_id() -> None:
+    def name(model: Model) -> str:
+        return rewrite_job(model, CONFIG)["metadata"]["name"]
+
+    assert name(make_model()) == name(make_model(replicas=3))
+    assert name(make_model()) != name(make_model(numCores=4))
+
+
+# The serving Deployment
+
+
+def test_deployment_requests_and_limits_numcores_neuroncores() -> None:
+    dep = deployment(make_model(numCores=4))
+    resources = container(dep, "tfserving")["resources"]
+    assert resources["requests"][NEURONCORE] == "4"
+    assert resources["limits"][NEURONCORE] == "4"
+    # The user's CPU and memory stay.
+    assert resources["requests"]["cpu"] == "2" and resources["limits"]["memory"] == "8Gi"
+
+
+def test_deployment_adds_neuroncores_when_the_spec_has_no_resources() -> None:
+    spec = make_spec()
+    del spec["serving"]["resources"]
+    dep = deployment(Model("resnet50", NAMESPACE, "uid", spec))
+    assert container(dep, "tfserving")["resources"] == {"requests": {NEURONCORE: "2"}, "limits": {NEURONCORE: "2"}}
+
+
+def test_deployment_does_not_modify_the_spec_resources() -> None:
+    model = make_model(numCores=4)
+    deployment(model)
+    assert NEURONCORE not in model.spec["serving"]["resources"]["requests"]
+
+
+def test_deployment_serves_the_rewrite_read_only() -> None:
+    model = make_model(model={"name": "resnet", "version": 2})
+    rewrite_id = model.rewrite_id(CONFIG)
+    dep = serving_deployment(model, CONFIG, rewrite_id)
+    server = container(dep, "tfserving")
+    assert server["image"] == SERVING_IMAGE
+    assert server["command"] == ["tensorflow_model_server_neuronx"]
+    assert server["args"] == [
+        "--port=8500",
+        "--rest_api_port=8501",
+        "--model_name=resnet",
+        "--model_base_path=/models/resnet",
+    ]
+    models = mount(dep, "tfserving", "models")
+    assert models == {
+        "name": "models",
+        "mountPath": "/models/resnet",
+        "subPath": model.rewrite_path(rewrite_id),
+        "readOnly": True,
+    }
+    assert volume(dep, "models")["persistentVolumeClaim"] == {"claimName": "model-store", "readOnly": True}
+    assert dep["metadata"]["annotations"]["serving.neuron.dev/rewrite"] == rewrite_id
+    assert dep["metadata"]["annotations"]["serving.neuron.dev/version"] == "2"
+    assert dep["metadata"]["annotations"]["serving.neuron.dev/cores"] == "2"
+    assert dep["spec"]["template"]["metadata"]["annotations"]["serving.neuron.dev/rewrite"] == rewrite_id
+
+
+def test_deployment_probes() -> None:
+    server = container(deployment(make_model(model={"name": "bert_base"})), "tfserving")
+    assert server["readinessProbe"]["httpGet"] == {"path": "/v1/models/bert_base", "port": "http"}
+    assert server["startupProbe"]["httpGet"] == {"path": "/v1/models/bert_base", "port": "http"}
+    assert server["startupProbe"]["periodSeconds"] == 10
+    assert server["startupProbe"]["failureThreshold"] == 60
+    assert {p["name"]: p["containerPort"] for p in server["ports"]} == {"grpc": 8500, "http": 8501}
+
+
+def test_deployment_startup_probe_follows_the_startup_timeout() -> None:
+    spec = make_spec()
+    spec["serving"]["startupTimeoutSeconds"] = 1800
+    server = container(deployment(Model("resnet50", NAMESPACE, "uid", spec)), "tfserving")
+    probe = server["startupProbe"]
+    assert probe["failureThreshold"] == 180
+    assert probe["periodSeconds"] * probe["failureThreshold"] == 1800
+    spec["serving"]["startupTimeoutSeconds"] = 10
+    assert (
+        container(deployment(Model("resnet50", NAMESPACE, "uid", spec)), "tfserving")["startupProbe"][
+            "failureThreshold"
+        ]
+        == 1
+    )
+
+
+def test_deployment_model_name_defaults_to_the_object_name() -> None:
+    model = make_model(name="bert", model={"version": 1})
+    server = container(deployment(model), "tfserving")
+    assert "--model_name=bert" in server["args"]
+    assert server["readinessProbe"]["httpGet"]["path"] == "/v1/models/bert"
+
+
+def test_deployment_default_strategy_never_drops_a_serving_pod() -> None:
+    dep = deployment(make_model(replicas=3))
+    assert dep["spec"]["replicas"] == 3
+    assert dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    custom = {"type": "Recreate"}
+    assert deployment(make_model(strategy=custom))["spec"]["strategy"] == custom
+
+
+def test_deployment_tolerations_come_from_the_config_unless_the_spec_sets_them() -> None:
+    assert pod_spec(deployment(make_model()))["tolerations"] == CONFIG.default_tolerations
+    own = [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]
+    assert pod_spec(deployment(make_model(tolerations=own)))["tolerations"] == own
+    assert pod_spec(deployment(make_model(), OperatorConfig()))["tolerations"] == []
+
+
+def test_deployment_scheduler_name_from_the_spec_over_the_config() -> None:
+    assert pod_spec(deployment(make_model()))["schedulerName"] == "neuron-scheduler"
+    assert pod_spec(deployment(make_model(schedulerName="my-scheduler")))["schedulerName"] == "my-scheduler"
+    assert "schedulerName" not in pod_spec(deployment(make_model(), OperatorConfig()))
+
+
+def test_deployment_passes_node_selector_and_affinity_through() -> None:
+    node_selector = {"node.kubernetes.io/instance-type": "inf2.xlarge"}
+    node_affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {
+                        "matchExpressions": [
+                            {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["inf2.xlarge"]}
+                        ]
+                    }
+                ]
+            }
+        }
+    }
+    spec = pod_spec(deployment(make_model(nodeSelector=node_selector, affinity=node_affinity)))
+    assert spec["nodeSelector"] == node_selector
+    assert spec["affinity"] == node_affinity
+    bare = pod_spec(deployment(make_model()))
+    assert "nodeSelector" not in bare and "affinity" not in bare
+
+
+def test_deployment_selector_matches_its_pod_template() -> None:
+    dep = deployment(make_model())
+    match = dep["spec"]["selector"]["matchLabels"]
+    assert match.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    assert match == serving_service(make_model())["spec"]["selector"]
+
+
+def test_deployment_runs_restricted_with_a_writable_tmp() -> None:
+    dep = deployment(make_model())
+    assert pod_spec(dep)["securityContext"]["runAsNonRoot"] is True
+    assert container(dep, "tfserving")["securityContext"]["readOnlyRootFilesystem"] is True
+    assert mount(dep, "tfserving", "tmp")["mountPath"] == "/tmp"
+    assert volume(dep, "tmp") == {"name": "tmp", "emptyDir": {}}
+
+
+def test_batching_adds_a_config_map_and_server_args() -> None:
+    spec = make_spec()
+    spec["serving"]["batching"] = {"enabled": True, "maxBatchSize": 16, "batchTimeoutMicros": 500}
+    model = Model("resnet50", NAMESPACE, "uid", spec)
+    config_map = batching_config_map(model)
+    assert config_map is not None
+    assert config_map["kind"] == "ConfigMap" and config_map["metadata"]["name"] == "resnet50-batching"
+    text = config_map["data"]["batching.config"]
+    assert "max_batch_size { value: 16 }" in text
+    assert "batch_timeout_micros { value: 500 }" in text
+    assert "num_batch_threads { value: 4 }" in text
+    assert "max_enqueued_batches { value: 100 }" in text
+
+    dep = deployment(model)
+    args = container(dep, "tfserving")["args"]
+    assert "--enable_batching=true" in args
+    assert "--batching_parameters_file=/etc/tfserving/batching.config" in args
+    assert volume(dep, "batching") == {"name": "batching", "configMap": {"name": "resnet50-batching"}}
+    batching_mount = mount(dep, "tfserving", "batching")
+    assert batching_mount["mountPath"] == "/etc/tfserving/batching.config"
+    assert batching_mount["subPath"] == "batching.config"
+
+
+def test_batching_off_adds_nothing() -> None:
+    spec = make_spec()
+    spec["serving"]["batching"] = {"enabled": False, "maxBatchSize": 16}
+    model = Model("resnet50", NAMESPACE, "uid", spec)
+    assert batching_config_map(model) is None
+    assert batching_config_map(make_model()) is None
+    dep = deployment(model)
+    assert not any(a.startswith("--enable_batching") for a in container(dep, "tfserving")["args"])
+    assert all(v["name"] != "batching" for v in pod_spec(dep)["volumes"])
+
+
+def test_extra_args_env_and_command() -> None:
+    spec = make_spec()
+    spec["serving"].update(
+        command=["/usr/bin/tf_serving_entrypoint"],
+        extraArgs=["--tensorflow_intra_op_parallelism=1"],
+        env=[{"name": "NEURON_RT_LOG_LEVEL", "value": "INFO"}],
+    )
+    server = container(deployment(Model("resnet50", NAMESPACE, "uid", spec)), "tfserving")
+    assert server["command"] == ["/usr/bin/tf_serving_entrypoint"]
+    assert server["args"][-1] == "--tensorflow_intra_op_parallelism=1"
+    assert server["env"] == [{"name": "NEURON_RT_LOG_LEVEL", "value": "INFO"}]
+
+
+# The Service
+
+
+def test_service_ports_and_selector() -> None:
+    service = serving_service(make_model())
+    assert service["apiVersion"] == "v1" and service["kind"] == "Service"
+    assert service["metadata"]["name"] == "resnet50"
+    assert service["spec"]["ports"] == [
+        {"name": "grpc", "port": 8500, "targetPort": "grpc", "protocol": "TCP"},
+        {"name": "http", "port": 8501, "targetPort": "http", "protocol": "TCP"},
+    ]
+    assert service["spec"]["selector"] == {
+        "serving.neuron.dev/model": "resnet50",
+        "app.kubernetes.io/component": "serving",
+    }
+
+
+def test_service_ports_follow_the_spec() -> None:
+    spec = make_spec()
+    spec["serving"].update(grpcPort=9000, restPort=9001)
+    model = Model("resnet50", NAMESPACE, "uid", spec)
+    ports = {p["name"]: p["port"] for p in serving_service(model)["spec"]["ports"]}
+    assert ports == {"grpc": 9000, "http": 9001}
+    assert endpoints(model) == {
+        "grpc": f"resnet50.{NAMESPACE}.svc:9000",
+        "rest": f"http://resnet50.{NAMESPACE}.svc:9001/v1/models/resnet50",
+    }
+
+
+# Hashes and shape of every output
+
+
+def spec_hash(obj: dict[str, Any]) -> str:
+    return obj["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+
+
+def test_spec_hash_is_stable_for_the_same_spec() -> None:
+    assert spec_hash(deployment(make_model())) == spec_hash(deployment(make_model()))
+    assert spec_hash(serving_service(make_model())) == spec_hash(serving_service(make_model()))
+    assert spec_hash(rewrite_job(make_model(), CONFIG)) == spec_hash(rewrite_job(make_model(), CONFIG))
+
+
+def test_spec_hash_changes_when_the_spec_changes() -> None:
+    base = spec_hash(deployment(make_model()))
+    assert spec_hash(deployment(make_model(replicas=2))) != base
+    assert spec_hash(deployment(make_model(numCores=4))) != base
+    assert spec_hash(deployment(make_model(nodeSelector={"node.kubernetes.io/instance-type": "inf2.xlarge"}))) != base
+    assert spec_hash(deployment(make_model(), OperatorConfig())) != base  # tolerations and scheduler differ
+    service = make_spec()
+    service["serving"]["grpcPort"] = 9500
+    assert spec_hash(serving_service(Model("resnet50", NAMESPACE, "u", service))) != spec_hash(
+        serving_service(make_model())
+    )
+
+
+def test_spec_hash_ignores_what_is_not_in_the_object() -> None:
+    # The rewrite's retry settings are no part of the Deployment; the serving image is no part of the Service.
+    retry = {"image": REWRITE_IMAGE, "backoffLimit": 5}
+    assert spec_hash(deployment(make_model(rewrite=retry))) == spec_hash(deployment(make_model()))
+    other = make_spec()
+    other["serving"]["image"] = "other/tfserving:9"
+    assert spec_hash(serving_service(Model("resnet50", NAMESPACE, "u", other))) == spec_hash(
+        serving_service(make_model())
+    )
+
+
+def is_plain_json(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and is_plain_json(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(is_plain_json(v) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def test_every_builder_output_is_plain_json() -> None:
+    spec = make_spec(
+        source={"s3": {"uri": "s3://models/resnet50/", "region": "eu-west-1"}},
+        nodeSelector={"node.kubernetes.io/instance-type": "inf2.xlarge"},
+    )
+    spec["serving"]["batching"] = {"enabled": True}
+    model = Model("resnet50", NAMESPACE, "uid", spec)
+    outputs = [
+        rewrite_job(model, CONFIG),
+        deployment(model),
+        serving_service(model),
+        batching_config_map(model),
+    ]
+    for obj in outputs:
+        assert isinstance(obj, dict) and is_plain_json(obj), obj["kind"]
+        assert json.loads(json.dumps(obj)) == obj
+        assert obj["metadata"]["namespace"] == NAMESPACE
+        assert DNS1123_LABEL.match(obj["metadata"]["name"])
+        assert all(len(v) <= 63 for v in obj["metadata"]["labels"].values())
+
+
+def test_batching_parameters_have_a_hash_that_rolls_the_pods() -> None:
+    """TF Serving reads the batching file once: new parameters must update the ConfigMap and restart the pods."""
+
+    def built(size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        model = make_model(serving={**make_spec()["serving"], "batching": {"enabled": True, "maxBatchSize": size}})
+        return batching_config_map(model) or {}, serving_deployment(model, CONFIG, "r1")
+
+    (cm8, dep8), (cm16, dep16) = built(8), built(16)
+    assert cm8["metadata"]["annotations"][SPEC_HASH_ANNOTATION] != cm16["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+    template8 = dep8["spec"]["template"]["metadata"]["annotations"]
+    template16 = dep16["spec"]["template"]["metadata"]["annotations"]
+    assert template8 != template16
+    assert (
+        dep8["metadata"]["annotations"][SPEC_HASH_ANNOTATION] != dep16["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+    )

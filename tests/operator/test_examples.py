@@ -1,0 +1,61 @@
+"""Every manifest in examples/ is applied, unchanged, on the local control plane and reaches Ready."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from s3 import moto_server, upload_tree
+
+from conftest import REPO, Env
+from localcluster.simcluster import SimulatedCluster
+
+pytestmark = pytest.mark.cluster
+EXAMPLES = REPO / "examples"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(cluster: SimulatedCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A local S3 and STS; the node agent points IRSA pods at it, as the pod identity webhook points them at AWS."""
+    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as endpoint:
+        assert cluster.agent is not None
+        cluster.agent.aws_env.update({"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ENDPOINT_URL_STS": endpoint})
+        yield endpoint
+
+
+def test_every_example_is_applied_and_goes_ready(env: Env, models: dict[str, Path], s3_endpoint: str) -> None:
+    assert {p.name for p in EXAMPLES.glob("*.yaml")} == {
+        "store-pvc.yaml",
+        "resnet50-inf2.yaml",
+        "bert-trn1.yaml",
+        "s3-irsa.yaml",
+    }, "a new example needs its place in this test"
+    # The volumes a cluster admin (or the EFS CSI driver) provides behind the examples' claims.
+    env.hostpath_claim("compiled-models", models["resnet50"].parent, storage_class="efs-sc", create_claim=False)
+    env.hostpath_claim("neuron-model-store", env.tmp / "store", storage_class="efs-sc", create_claim=False)
+    upload_tree(s3_endpoint, "my-neuron-models", "resnet50/", models["resnet50"])
+
+    for example in ("store-pvc.yaml", "resnet50-inf2.yaml", "bert-trn1.yaml", "s3-irsa.yaml"):
+        result = env.cluster.cluster.kubectl("apply", "-n", env.namespace, "-f", str(EXAMPLES / example), check=False)
+        assert result.returncode == 0, result.stderr
+
+    resnet = env.wait_phase("resnet50", "Ready", timeout=180)
+    assert resnet["servedCores"] == 2 and resnet["readyReplicas"] == 1
+    bert = env.wait_phase("bert", "Ready", timeout=180)
+    assert bert["servedCores"] == 8 and bert["readyReplicas"] == 4
+    assert bert["endpoints"]["rest"].endswith("/v1/models/bert-base")
+    s3_model = env.wait_phase("resnet50-s3", "Ready", timeout=180)
+    assert s3_model["servedCores"] == 1 and s3_model["readyReplicas"] == 2
+
+    nodes = {n.metadata.name: n.metadata.labels["node.kubernetes.io/instance-type"] for n in env.core.list_node().items}
+    pods = env.core.list_namespaced_pod(env.namespace, label_selector="app.kubernetes.io/component=serving").items
+    placed = {(p.metadata.labels["serving.neuron.dev/model"], nodes[p.spec.node_name]) for p in pods}
+    assert ("resnet50", "inf2.xlarge") in placed and ("bert", "trn1.32xlarge") in placed
+    assert not {t for m, t in placed if m == "bert"} - {"trn1.32xlarge"}
+    batching = env.core.read_namespaced_config_map("bert-batching", env.namespace).data["batching.config"]
+    assert "max_batch_size { value: 16 }" in batching
+    # The S3 model was downloaded by the Job's init container with the service account's (IRSA) identity.
+    job = env.batch.read_namespaced_job(s3_model["rewrite"]["job"], env.namespace)
+    assert [c.name for c in job.spec.template.spec.init_containers] == ["fetch"]
+    assert job.spec.template.spec.service_account_name == "model-reader"

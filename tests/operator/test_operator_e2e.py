@@ -1,0 +1,181 @@
+"""The NeuronModel operator end to end on the real local control plane, with simulated Neuron nodes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import Env, neuron_model, wait_for
+from localcluster.simcluster import SimulatedCluster
+from neuron_rewrite import inspect_model
+
+pytestmark = pytest.mark.cluster
+
+NEURONCORE = "aws.amazon.com/neuroncore"
+
+
+def serving_pods(env: Env, name: str) -> list:
+    selector = f"serving.neuron.dev/model={name},app.kubernetes.io/component=serving"
+    return env.core.list_namespaced_pod(env.namespace, label_selector=selector).items
+
+
+def test_model_goes_ready_scales_changes_cores_and_cleans_up(env: Env, models: dict[str, Path]) -> None:
+    env.hostpath_claim("resnet50-compiled", models["resnet50"])
+    manifest = neuron_model(
+        "resnet50", "resnet50-compiled", cores=2, nodeSelector={"node.kubernetes.io/instance-type": "inf2.xlarge"}
+    )
+    assert env.apply(manifest).returncode == 0
+    status = env.wait_phase("resnet50", "Ready")
+
+    assert status["servedVersion"] == 1 and status["servedCores"] == 2
+    assert status["replicas"] == 1 and status["readyReplicas"] == 1
+    assert status["observedGeneration"] == env.model("resnet50")["metadata"]["generation"]
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "RewriteSucceeded": "True",
+        "Available": "True",
+        "Ready": "True",
+    }
+    assert status["endpoints"]["rest"] == f"http://resnet50.{env.namespace}.svc:8501/v1/models/resnet50"
+    store = env.tmp / "store" / status["rewrite"]["path"] / "1"
+    ops = inspect_model(store).models[0].neuron_ops
+    assert ops and {op.automatic_multicore for op in ops} == {2}
+    (job,) = env.jobs()
+    assert job.status.succeeded == 1 and job.metadata.owner_references[0].kind == "NeuronModel"
+    pods = serving_pods(env, "resnet50")
+    assert len(pods) == 1
+    resources = pods[0].spec.containers[0].resources
+    assert resources.requests[NEURONCORE] == "2" and resources.limits[NEURONCORE] == "2"
+    service = env.core.read_namespaced_service("resnet50", env.namespace)
+    assert {p.name: p.port for p in service.spec.ports} == {"grpc": 8500, "http": 8501}
+
+    # Scaling through the scale subresource never re-runs the rewrite.
+    env.cluster.cluster.kubectl("scale", "-n", env.namespace, "nm/resnet50", "--replicas=2")
+    wait_for(lambda: env.status("resnet50").get("readyReplicas") == 2, what="2 ready replicas")
+    env.wait_phase("resnet50", "Ready")
+    assert len(env.jobs()) == 1
+
+    # A numCores change runs a new rewrite and rolls the pods to it.
+    env.patch_spec("resnet50", {"numCores": 1, "nodeSelector": None})
+    wait_for(lambda: env.status("resnet50").get("servedCores") == 1, timeout=120, what="served on 1 core")
+    status = env.wait_phase("resnet50", "Ready")
+    assert status["rewrite"]["path"] != store.parent.relative_to(env.tmp / "store").as_posix()
+    wait_for(lambda: len(env.jobs()) == 1, what="the superseded Job deleted")
+    pods = wait_for(
+        lambda: (
+            [p for p in serving_pods(env, "resnet50") if p.metadata.deletion_timestamp is None]
+            if all(p.spec.containers[0].resources.limits[NEURONCORE] == "1" for p in serving_pods(env, "resnet50"))
+            else None
+        ),
+        what="pods rolled to 1 core",
+    )
+    assert len(pods) == 2
+
+    # Deleting the model removes everything it owns (the garbage collector follows the owner references).
+    env.custom.delete_namespaced_custom_object(
+        "serving.neuron.dev", "v1alpha1", env.namespace, "neuronmodels", "resnet50"
+    )
+    wait_for(lambda: not env.apps.list_namespaced_deployment(env.namespace).items, what="Deployment deleted")
+    wait_for(lambda: not env.jobs(), what="Job deleted")
+    wait_for(lambda: not env.core.list_namespaced_service(env.namespace).items, what="Service deleted")
+    wait_for(lambda: not serving_pods(env, "resnet50"), what="pods deleted")
+
+
+def test_failed_rewrite_carries_the_cause_then_recovers_when_the_source_is_fixed(
+    env: Env, models: dict[str, Path]
+) -> None:
+    env.hostpath_claim("compiled", models["pipelined"].parent)
+    manifest = neuron_model("pipelined", "compiled", cores=2, rewrite={"backoffLimit": 0})
+    manifest["spec"]["source"]["pvc"]["path"] = "pipelined"
+    assert env.apply(manifest).returncode == 0
+    status = env.wait_phase("pipelined", "Failed")
+    rewrite = env.condition("pipelined", "RewriteSucceeded")
+    assert rewrite["status"] == "False" and rewrite["reason"] == "RewriteFailed"
+    assert "pipeline" in rewrite["message"] and "--neuroncore-pipeline-cores" in rewrite["message"], rewrite
+    assert env.condition("pipelined", "Ready")["reason"] == "RewriteFailed"
+    assert not env.apps.list_namespaced_deployment(env.namespace).items
+    failed_job = status["rewrite"]["job"]
+
+    # Point the same NeuronModel at a good model: a new rewrite runs and the model serves, nothing deleted by hand.
+    env.patch_spec("pipelined", {"source": {"pvc": {"claimName": "compiled", "path": "resnet50"}}})
+    status = env.wait_phase("pipelined", "Ready")
+    assert status["rewrite"]["job"] != failed_job
+    wait_for(lambda: [j.metadata.name for j in env.jobs()] == [status["rewrite"]["job"]], what="failed Job removed")
+
+
+def test_pods_that_cannot_schedule_report_the_schedulers_reason(env: Env, models: dict[str, Path]) -> None:
+    env.hostpath_claim("compiled", models["resnet50"])
+    # 64 NeuronCores per pod: the rewrite succeeds, but no simulated node has that many.
+    assert env.apply(neuron_model("huge", "compiled", cores=64)).returncode == 0
+    env.wait_phase("huge", "Pending")
+    ready = env.condition("huge", "Ready")
+    assert ready["reason"] == "Unschedulable"
+    assert "Insufficient aws.amazon.com/neuroncore" in ready["message"], ready
+
+
+def test_instance_type_too_small_is_refused_before_any_pod(env: Env, models: dict[str, Path]) -> None:
+    env.hostpath_claim("compiled", models["resnet50"])
+    manifest = neuron_model(
+        "small", "compiled", cores=4, nodeSelector={"node.kubernetes.io/instance-type": "inf2.xlarge"}
+    )
+    assert env.apply(manifest).returncode == 0
+    env.wait_phase("small", "Failed")
+    ready = env.condition("small", "Ready")
+    assert ready["reason"] == "InsufficientInstanceCores"
+    assert "inf2.xlarge (2 NeuronCores per node)" in ready["message"] and "spec.numCores is 4" in ready["message"]
+    assert not env.jobs() and not env.apps.list_namespaced_deployment(env.namespace).items
+
+    # Fixing the spec clears it.
+    env.patch_spec("small", {"numCores": 2})
+    env.wait_phase("small", "Ready")
+
+
+def test_operator_killed_during_the_rewrite_resumes_without_duplicating_it(env: Env, models: dict[str, Path]) -> None:
+    env.hostpath_claim("compiled", models["bert"])
+    assert env.apply(neuron_model("bert", "compiled", cores=8, replicas=2)).returncode == 0
+    wait_for(env.jobs, what="the rewrite Job")
+    env.kill_operator()
+    env.start_operator()
+    env.wait_phase("bert", "Ready")
+    assert len(env.jobs()) == 1
+    assert len(env.apps.list_namespaced_deployment(env.namespace).items) == 1
+    # A second restart once Ready changes nothing: no new Job, same Deployment generation.
+    generation = env.apps.read_namespaced_deployment("bert", env.namespace).metadata.generation
+    env.kill_operator()
+    env.start_operator()
+    time.sleep(5)
+    assert len(env.jobs()) == 1
+    assert env.apps.read_namespaced_deployment("bert", env.namespace).metadata.generation == generation
+    assert env.status("bert")["phase"] == "Ready"
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"numCores": 0}, "spec.numCores"),
+        ({"numCores": 129}, "spec.numCores"),
+        ({"numCores": "two"}, "spec.numCores"),
+        ({"replicas": -1}, "spec.replicas"),
+        ({"source": {"s3": {"uri": "ftp://bucket/model"}}}, "spec.source.s3.uri"),
+        ({"source": {"pvc": {"claimName": ""}}}, "spec.source.pvc.claimName"),
+        ({"store": {"claimName": "store", "path": "../other-team"}}, "spec.store.path"),
+        ({"serving": {}}, "spec.serving.image"),
+        ({"store": {"claimName": "store", "path": "/abs"}}, "spec.store.path"),
+        ({"source": {"pvc": {"claimName": "c", "path": "a/../../b"}}}, "spec.source.pvc.path"),
+        ({"source": {"gcs": {"uri": "gs://bucket/model"}}}, "spec.source"),
+        ({"source": {}}, "spec.source"),
+    ],
+)
+def test_the_crd_schema_rejects_bad_input_naming_the_field(
+    cluster: SimulatedCluster, crd: None, namespace: str, patch: dict, field: str
+) -> None:
+    manifest = neuron_model("bad", "compiled")
+    manifest["spec"].update(patch)
+    # --validate=false: the apiserver's own answer, which every client gets, not kubectl's client-side check.
+    result = cluster.cluster.kubectl(
+        "apply", "--validate=false", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest), check=False
+    )
+    assert result.returncode != 0
+    assert field in result.stderr, result.stderr

@@ -1,0 +1,326 @@
+"""compute_status(): the NeuronModel's status as a view of what the operator observed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from unit_helpers import (
+    NAMESPACE,
+    deployment_body,
+    job_body,
+    job_pod,
+    make_model,
+    serving_pod,
+)
+
+from neuronmodel_operator.builders import Model
+from neuronmodel_operator.config import OperatorConfig
+from neuronmodel_operator.naming import job_name
+from neuronmodel_operator.status import Observed, compute_status, job_outcome
+from neuronmodel_operator.validation import SpecError, validate
+
+CONFIG = OperatorConfig()
+NOW = "2025-05-01T10:05:00Z"
+EARLIER = "2025-05-01T09:00:00Z"
+PIPELINE_ERROR = "error: NeuronOp x compiled with pipeline size 4"
+UNSCHEDULABLE = "0/3 nodes are available: 3 Insufficient aws.amazon.com/neuroncore."
+
+
+def conditions(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in status["conditions"]}
+
+
+def status_of(
+    model: Model,
+    observed: Observed,
+    *,
+    generation: int = 1,
+    previous: dict[str, Any] | None = None,
+    now: str = NOW,
+) -> dict[str, Any]:
+    return compute_status(model, generation, model.rewrite_id(CONFIG), None, observed, previous or {}, now)
+
+
+def complete_job(model: Model) -> dict[str, Any]:
+    return job_body(job_name(model.name, model.rewrite_id(CONFIG)), "Complete")
+
+
+def test_job_outcome() -> None:
+    assert job_outcome(None) == "Running"
+    assert job_outcome(job_body("j")) == "Running"
+    assert job_outcome(job_body("j", "Complete")) == "Complete"
+    assert job_outcome(job_body("j", "Failed")) == "Failed"
+    suspended = job_body("j")
+    suspended["status"]["conditions"] = [{"type": "Failed", "status": "False"}]
+    assert job_outcome(suspended) == "Running"
+
+
+def test_a_spec_error_fails_the_model() -> None:
+    model = make_model(numCores=4, nodeSelector={"node.kubernetes.io/instance-type": "inf2.xlarge"})
+    try:
+        validate(model.spec, CONFIG)
+    except SpecError as exc:
+        error = exc
+    else:
+        raise AssertionError("inf2.xlarge with 4 NeuronCores must be refused")
+    status = compute_status(model, 3, None, error, Observed(), {}, NOW)
+
+    assert status["phase"] == "Failed"
+    ready = conditions(status)["Ready"]
+    assert ready["status"] == "False"
+    assert ready["reason"] == "InsufficientInstanceCores"
+    assert ready["message"] == str(error) and "inf2.xlarge" in ready["message"]
+    assert conditions(status)["RewriteSucceeded"]["status"] == "Unknown"
+    assert conditions(status)["RewriteSucceeded"]["reason"] == "InsufficientInstanceCores"
+    assert status["observedGeneration"] == 3
+    assert status["rewrite"] == {"id": None, "job": None, "path": None}
+    assert status["endpoints"] is None
+
+
+def test_a_running_rewrite_is_rewriting() -> None:
+    model = make_model(numCores=4)
+    name = job_name(model.name, model.rewrite_id(CONFIG))
+    status = status_of(model, Observed(job=job_body(name)))
+
+    assert status["phase"] == "Rewriting"
+    rewrite, ready = conditions(status)["RewriteSucceeded"], conditions(status)["Ready"]
+    assert rewrite["status"] == "False" and rewrite["reason"] == "RewriteRunning"
+    assert name in rewrite["message"] and "4 NeuronCores" in rewrite["message"]
+    assert ready["status"] == "False" and ready["reason"] == "RewriteRunning"
+    assert conditions(status)["Available"]["reason"] == "NotDeployed"
+    assert status["rewrite"]["job"] == name
+    assert status["rewrite"]["id"] == model.rewrite_id(CONFIG)
+    assert status["rewrite"]["path"] == f"{NAMESPACE}/resnet50/{model.rewrite_id(CONFIG)}"
+    assert status["servedVersion"] is None and status["servedCores"] is None
+
+
+def test_a_job_not_created_yet_is_rewriting() -> None:
+    status = status_of(make_model(), Observed())
+    assert status["phase"] == "Rewriting"
+    assert "(creating)" in conditions(status)["RewriteSucceeded"]["message"]
+
+
+def test_a_new_rewrite_while_old_pods_serve_says_they_keep_serving() -> None:
+    model = make_model(numCores=4)
+    old = deployment_body("0ld0ld0ld0", cores=2)
+    status = status_of(model, Observed(job=job_body(job_name(model.name, model.rewrite_id(CONFIG))), deployment=old))
+    assert status["phase"] == "Rewriting"
+    assert "keep serving the previous rewrite" in conditions(status)["Ready"]["message"]
+    assert conditions(status)["Available"]["status"] == "True"
+    assert status["servedCores"] == 2
+
+
+def test_a_failed_rewrite_reports_the_rewrite_error_line() -> None:
+    model = make_model()
+    name = job_name(model.name, model.rewrite_id(CONFIG))
+    message = (
+        "tf-neuron-auto-multicore: reading /source/resnet50/neuron\n"
+        f"{PIPELINE_ERROR}\n"
+        "hint: recompile with --neuroncore-pipeline-cores 1\n"
+    )
+    pods = [
+        job_pod(name, "aaaaa", "2025-05-01T10:00:05Z", "an older attempt: error: disk full"),
+        job_pod(name, "bbbbb", "2025-05-01T10:02:00Z", message),
+    ]
+    status = status_of(model, Observed(job=job_body(name, "Failed"), job_pods=pods))
+
+    assert status["phase"] == "Failed"
+    rewrite, ready = conditions(status)["RewriteSucceeded"], conditions(status)["Ready"]
+    assert rewrite["status"] == "False" and rewrite["reason"] == "RewriteFailed"
+    assert PIPELINE_ERROR in rewrite["message"]
+    assert "disk full" not in rewrite["message"]  # the latest attempt's error, not the first's
+    assert name in rewrite["message"] and "BackoffLimitExceeded" in rewrite["message"]
+    assert ready["status"] == "False" and ready["reason"] == "RewriteFailed"
+    assert PIPELINE_ERROR in ready["message"]
+
+
+def test_a_failed_rewrite_without_pods_uses_the_job_message() -> None:
+    model = make_model()
+    name = job_name(model.name, model.rewrite_id(CONFIG))
+    job = job_body(name, "Failed", reason="DeadlineExceeded", message="Job was active longer than specified deadline")
+    status = status_of(model, Observed(job=job))
+    assert status["phase"] == "Failed"
+    message = conditions(status)["RewriteSucceeded"]["message"]
+    assert "DeadlineExceeded" in message and "active longer than specified deadline" in message
+
+
+def test_a_failed_rewrite_while_old_pods_serve_is_degraded() -> None:
+    model = make_model(numCores=4)
+    name = job_name(model.name, model.rewrite_id(CONFIG))
+    pods = [job_pod(name, "ccccc", "2025-05-01T10:02:00Z", PIPELINE_ERROR)]
+    observed = Observed(job=job_body(name, "Failed"), job_pods=pods, deployment=deployment_body("0ld0ld0ld0"))
+    status = status_of(model, observed)
+    assert status["phase"] == "Degraded"
+    assert conditions(status)["Available"]["status"] == "True"
+    assert conditions(status)["Ready"]["reason"] == "RewriteFailed"
+
+
+def test_a_fully_rolled_out_model_is_ready() -> None:
+    model = make_model(numCores=2, replicas=3, model={"name": "resnet50", "version": 5})
+    rewrite_id = model.rewrite_id(CONFIG)
+    dep = deployment_body(
+        rewrite_id,
+        desired=3,
+        generation=4,
+        observed_generation=4,
+        replicas=3,
+        ready=3,
+        updated=3,
+        available=3,
+        version=5,
+        cores=2,
+    )
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "resnet50", "namespace": NAMESPACE}}
+    status = status_of(model, Observed(job=complete_job(model), deployment=dep, service=service), generation=2)
+
+    assert status["phase"] == "Ready"
+    assert {t: c["status"] for t, c in conditions(status).items()} == {
+        "RewriteSucceeded": "True",
+        "Available": "True",
+        "Ready": "True",
+    }
+    assert conditions(status)["Ready"]["reason"] == "ModelServing"
+    assert "3 of 3" in conditions(status)["Ready"]["message"]
+    assert status["servedVersion"] == 5 and status["servedCores"] == 2
+    assert status["replicas"] == 3 and status["readyReplicas"] == 3
+    assert status["selector"] == "serving.neuron.dev/model=resnet50,app.kubernetes.io/component=serving"
+    assert status["endpoints"] == {
+        "grpc": f"resnet50.{NAMESPACE}.svc:8500",
+        "rest": f"http://resnet50.{NAMESPACE}.svc:8501/v1/models/resnet50",
+    }
+
+
+def test_served_values_come_from_the_deployment_annotations() -> None:
+    # The Deployment still serves version 1 on 2 cores; the spec already asks for more.
+    model = make_model(numCores=4, model={"name": "resnet50", "version": 2})
+    dep = deployment_body("0ld0ld0ld0", version=1, cores=2)
+    status = status_of(model, Observed(job=complete_job(model), deployment=dep))
+    assert status["servedVersion"] == 1 and status["servedCores"] == 2
+    assert status["phase"] != "Ready"
+
+
+def test_an_unrolled_deployment_is_not_ready_yet() -> None:
+    model = make_model(replicas=2)
+    rewrite_id = model.rewrite_id(CONFIG)
+    fully = {"desired": 2, "replicas": 2, "ready": 2, "updated": 2, "available": 2}
+    cases = {
+        "old generation": deployment_body(rewrite_id, generation=3, observed_generation=2, **fully),
+        "updated short": deployment_body(rewrite_id, **(fully | {"updated": 1})),
+        "ready short": deployment_body(rewrite_id, **(fully | {"ready": 1, "available": 1})),
+        "surge pod": deployment_body(rewrite_id, **(fully | {"replicas": 3})),
+        "other rewrite": deployment_body("0ld0ld0ld0", **fully),
+    }
+    for what, dep in cases.items():
+        status = status_of(model, Observed(job=complete_job(model), deployment=dep))
+        assert status["phase"] == "Deploying", what
+        assert conditions(status)["Ready"]["status"] == "False", what
+        assert conditions(status)["Ready"]["reason"] == "RollingOut", what
+        assert conditions(status)["Available"]["status"] == "True", what
+
+
+def test_an_unschedulable_serving_pod_is_pending_with_the_scheduler_message() -> None:
+    model = make_model(numCores=2)
+    dep = deployment_body(model.rewrite_id(CONFIG), ready=0, updated=1, available=0)
+    pod = serving_pod(
+        "resnet50-7d9c8b6f5-x2x9k",
+        scheduled={"status": "False", "reason": "Unschedulable", "message": UNSCHEDULABLE},
+    )
+    status = status_of(model, Observed(job=complete_job(model), deployment=dep, serving_pods=[pod]))
+
+    assert status["phase"] == "Pending"
+    ready = conditions(status)["Ready"]
+    assert ready["status"] == "False" and ready["reason"] == "Unschedulable"
+    assert UNSCHEDULABLE in ready["message"] and "resnet50-7d9c8b6f5-x2x9k" in ready["message"]
+    assert conditions(status)["Available"]["status"] == "False"
+
+
+def test_an_unschedulable_pod_while_others_serve_is_degraded() -> None:
+    model = make_model(replicas=2)
+    dep = deployment_body(model.rewrite_id(CONFIG), desired=2, replicas=2, ready=1, updated=2, available=1)
+    pod = serving_pod("resnet50-7d9c8b6f5-b7k2m", scheduled={"status": "False", "message": UNSCHEDULABLE})
+    status = status_of(model, Observed(job=complete_job(model), deployment=dep, serving_pods=[pod]))
+    assert status["phase"] == "Degraded"
+    assert conditions(status)["Ready"]["reason"] == "Unschedulable"
+
+
+def test_a_crash_looping_server_fails_the_model() -> None:
+    model = make_model()
+    dep = deployment_body(model.rewrite_id(CONFIG), ready=0, updated=1, available=0)
+    waiting = {
+        "reason": "CrashLoopBackOff",
+        "message": "back-off 2m40s restarting failed container=tfserving pod=resnet50-7d9c8b6f5-q8p4z",
+    }
+    pod = serving_pod("resnet50-7d9c8b6f5-q8p4z", waiting=waiting)
+    status = status_of(model, Observed(job=complete_job(model), deployment=dep, serving_pods=[pod]))
+
+    assert status["phase"] == "Failed"
+    ready = conditions(status)["Ready"]
+    assert ready["status"] == "False" and ready["reason"] == "ModelLoadFailed"
+    assert "CrashLoopBackOff" in ready["message"] and "resnet50-7d9c8b6f5-q8p4z" in ready["message"]
+
+
+def test_a_container_still_creating_is_not_a_failure() -> None:
+    model = make_model()
+    dep = deployment_body(model.rewrite_id(CONFIG), ready=0, updated=1, available=0)
+    pod = serving_pod("resnet50-7d9c8b6f5-q8p4z", waiting={"reason": "ContainerCreating"})
+    status = status_of(model, Observed(job=complete_job(model), deployment=dep, serving_pods=[pod]))
+    assert status["phase"] == "Deploying"
+    assert conditions(status)["Available"]["reason"] == "NoReplicasAvailable"
+
+
+def test_available_during_a_new_rollout_is_deploying() -> None:
+    model = make_model(replicas=2)
+    # The new ReplicaSet has one of two pods; the old pods still answer.
+    dep = deployment_body(
+        model.rewrite_id(CONFIG),
+        desired=2,
+        generation=5,
+        observed_generation=5,
+        replicas=3,
+        ready=2,
+        updated=1,
+        available=2,
+    )
+    status = status_of(model, Observed(job=complete_job(model), deployment=dep))
+    assert status["phase"] == "Deploying"
+    assert conditions(status)["Available"]["status"] == "True"
+    ready = conditions(status)["Ready"]
+    assert ready["status"] == "False" and ready["reason"] == "RollingOut"
+    assert "2 of 2" in ready["message"]
+
+
+def test_progress_deadline_exceeded() -> None:
+    model = make_model()
+    stalled = [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]
+    dep = deployment_body(model.rewrite_id(CONFIG), ready=0, updated=1, available=0, extra_conditions=stalled)
+    status = status_of(model, Observed(job=complete_job(model), deployment=dep))
+    assert status["phase"] == "Failed"
+    assert conditions(status)["Ready"]["reason"] == "ProgressDeadlineExceeded"
+
+
+def test_last_transition_time_kept_while_unchanged_and_moved_when_it_flips() -> None:
+    model = make_model()
+    name = job_name(model.name, model.rewrite_id(CONFIG))
+    first = status_of(model, Observed(job=job_body(name)), now=EARLIER)
+    assert {c["lastTransitionTime"] for c in first["conditions"]} == {EARLIER}
+
+    again = status_of(model, Observed(job=job_body(name)), previous=first, now=NOW)
+    assert {c["lastTransitionTime"] for c in again["conditions"]} == {EARLIER}
+
+    done = status_of(model, Observed(job=job_body(name, "Complete")), previous=again, now=NOW)
+    assert conditions(done)["RewriteSucceeded"]["status"] == "True"
+    assert conditions(done)["RewriteSucceeded"]["lastTransitionTime"] == NOW
+    # Available and Ready stayed False: their transition times stay too, though their reasons changed.
+    assert conditions(done)["Available"]["lastTransitionTime"] == EARLIER
+    assert conditions(done)["Ready"]["lastTransitionTime"] == EARLIER
+
+
+def test_every_condition_carries_the_observed_generation() -> None:
+    model = make_model()
+    name = job_name(model.name, model.rewrite_id(CONFIG))
+    previous = status_of(model, Observed(job=job_body(name)), generation=1, now=EARLIER)
+    status = status_of(model, Observed(job=job_body(name)), generation=7, previous=previous)
+    assert status["observedGeneration"] == 7
+    assert [c["observedGeneration"] for c in status["conditions"]] == [7, 7, 7]
+    assert [c["type"] for c in status["conditions"]] == ["RewriteSucceeded", "Available", "Ready"]
+    assert all(c["status"] in ("True", "False", "Unknown") for c in status["conditions"])
