@@ -21,8 +21,8 @@ lint: $(STAMP)
 test: $(STAMP) control-plane lint
 	$(VENV)/bin/pytest
 
-demo: $(STAMP)
-	$(VENV)/bin/python -m neuron_modelgen.demo
+demo: $(STAMP) control-plane
+	$(VENV)/bin/python -m localcluster.demo
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/rewrite_bench.py

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build kube-apiserver, kube-controller-manager and kube-scheduler v1.20.2 from Debian bookworm's source package,
-# and install etcd, for the local control plane the tests, the demo and the benchmarks run on.
+# Build kube-apiserver, kube-controller-manager, kube-scheduler and kubectl v1.20.2 from Debian bookworm's source
+# package, and install etcd, for the local control plane the tests, the demo and the benchmarks run on.
 #
 # Needs root on Debian bookworm (it installs packages). The binaries are cached outside the work tree, keyed by
 # this script and the patch, so a warm machine builds nothing:
@@ -10,7 +10,7 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache="${NEURON_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/neuron-model-operator}"
-binaries=(kube-apiserver kube-controller-manager kube-scheduler)
+binaries=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
 # The cache key covers what decides the binaries: the recipe below and the patch.
 recipe="kubernetes 1.20.2 debian-bookworm-source golang-1.19 CGO_ENABLED=0 ${binaries[*]}"
 key="$( (echo "$recipe"; cat "$here/reflect2-go118.patch") | sha256sum | cut -c1-12)"
@@ -101,6 +101,9 @@ mkdir -p "$staging/bin"
 for b in "${binaries[@]}"; do cp "_output/bin/$b" "$staging/bin/"; done
 rm -rf "$out"
 mv "$staging" "$out"
+for stale in "$cache"/kubernetes-v*; do  # builds of an older recipe or patch
+  [ "$stale" = "$out" ] || rm -rf "$stale"
+done
 cd "$cache"
 rm -rf "$work"
 log "installed: $out/bin"

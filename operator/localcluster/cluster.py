@@ -32,6 +32,9 @@ class ClusterError(RuntimeError):
     """The control plane could not be found, started or reached; the message says why and what to run."""
 
 
+BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+
+
 def binaries_dir() -> Path:
     """Where build-control-plane.sh caches the binaries for the current recipe and patch."""
     out = subprocess.run(["bash", str(BUILD_SCRIPT), "--print-bin-dir"], capture_output=True, text=True, check=True)
@@ -60,6 +63,7 @@ class LocalCluster:
     api_port: int = 0
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     processes: list[_Process] = field(default_factory=list)
+    bin_dir: Path = field(default_factory=binaries_dir)
 
     @property
     def kubeconfig(self) -> Path:
@@ -78,10 +82,8 @@ class LocalCluster:
         self.stop()
 
     def start(self, timeout: float = 60) -> None:
-        bin_dir = binaries_dir()
-        missing = [
-            b for b in ("kube-apiserver", "kube-controller-manager", "kube-scheduler") if not (bin_dir / b).exists()
-        ]
+        bin_dir = self.bin_dir
+        missing = [b for b in BINARIES if not (bin_dir / b).exists()]
         if missing:
             raise ClusterError(f"{', '.join(missing)} not built in {bin_dir}: run `make control-plane` (as root)")
         if not Path(ETCD).exists():
@@ -192,7 +194,7 @@ class LocalCluster:
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
+            [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
             capture_output=True,
             text=True,
             check=check,

@@ -40,6 +40,8 @@ _HARDWARE: dict[str, tuple[int, int, int]] = {
 INSTANCE_TYPES: dict[str, InstanceType] = {
     name: InstanceType(NEURONCORES_PER_NODE[name], *hardware) for name, hardware in _HARDWARE.items()
 }
+# A general-purpose node, as the node group that runs system pods (and the rewrite Jobs) on a real EKS cluster.
+INSTANCE_TYPES["m5.xlarge"] = InstanceType(0, 0, 4, 16)
 
 
 def node_manifest(

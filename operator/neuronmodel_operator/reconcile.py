@@ -31,6 +31,7 @@ from .status import Observed, compute_status, job_outcome
 from .validation import SpecError, validate
 
 VERSION, PLURAL = "v1alpha1", "neuronmodels"
+USER_AGENT = "neuronmodel-operator"
 log = logging.getLogger("neuronmodel_operator")
 
 # Reconciles of one model are serialised: child events arrive on several watch streams at once.
@@ -65,6 +66,8 @@ class Api:
     """The few writes the operator makes, through the official client."""
 
     def __init__(self, api_client: client.ApiClient | None = None) -> None:
+        api_client = api_client or client.ApiClient()
+        api_client.user_agent = USER_AGENT  # the operator's own requests stand out in audit logs
         self.core = client.CoreV1Api(api_client)
         self.apps = client.AppsV1Api(api_client)
         self.batch = client.BatchV1Api(api_client)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -179,3 +180,25 @@ def test_the_crd_schema_rejects_bad_input_naming_the_field(
     )
     assert result.returncode != 0
     assert field in result.stderr, result.stderr
+
+
+def test_an_idle_operator_makes_no_api_writes(env: Env, models: dict[str, Path]) -> None:
+    env.hostpath_claim("compiled", models["resnet50"])
+    assert env.apply(neuron_model("idle", "compiled", cores=1, replicas=2)).returncode == 0
+    env.wait_phase("idle", "Ready")
+    time.sleep(3)  # let the last watch events of the rollout arrive
+    audit = env.cluster.cluster.workdir / "audit.log"
+    offset = audit.stat().st_size
+    time.sleep(20)
+    with audit.open() as log:
+        log.seek(offset)
+        events = [json.loads(line) for line in log if line.strip()]
+    writes = [
+        (e["verb"], e["objectRef"].get("resource"), e["objectRef"].get("name"))
+        for e in events
+        if e["verb"] in ("create", "update", "patch", "delete", "deletecollection")
+        and e.get("objectRef", {}).get("namespace") == env.namespace
+        and e.get("userAgent", "").startswith(("neuronmodel-operator", "kopf/"))
+    ]
+    assert events, "the audit log recorded nothing: the check would be vacuous"
+    assert writes == []
