@@ -55,6 +55,10 @@ class Model:
         return int((self.spec.get("model") or {}).get("version") or 1)
 
     @property
+    def serving(self) -> dict[str, Any]:
+        return self.spec.get("serving") or {}
+
+    @property
     def cores(self) -> int:
         return int(self.spec["numCores"])
 
@@ -183,7 +187,7 @@ def _batching(serving: dict[str, Any]) -> dict[str, Any] | None:
 
 def batching_config_map(model: Model) -> dict[str, Any] | None:
     """TF Serving's batching parameters file, when batching is on."""
-    batching = _batching(model.spec["serving"])
+    batching = _batching(model.serving)
     if batching is None:
         return None
     params = {
@@ -210,7 +214,7 @@ def batching_config_map(model: Model) -> dict[str, Any] | None:
 def serving_deployment(model: Model, config: OperatorConfig, rewrite_id: str) -> dict[str, Any]:
     """TF Serving pods on numCores NeuronCores each, serving the rewrite ``rewrite_id``."""
     spec = model.spec
-    serving = spec["serving"]
+    serving = model.serving
     grpc, rest = serving.get("grpcPort", 8500), serving.get("restPort", 8501)
     base_path = f"{MODELS_DIR}/{model.model_name}"
     args = [
@@ -242,7 +246,7 @@ def serving_deployment(model: Model, config: OperatorConfig, rewrite_id: str) ->
     startup_timeout = serving.get("startupTimeoutSeconds", 600)
     container = {
         "name": "tfserving",
-        "image": serving["image"],
+        "image": serving.get("image") or config.serving_image,
         "command": serving.get("command") or ["tensorflow_model_server_neuronx"],
         "args": args + list(serving.get("extraArgs") or []),
         "ports": [
@@ -307,7 +311,7 @@ def serving_deployment(model: Model, config: OperatorConfig, rewrite_id: str) ->
 
 
 def serving_service(model: Model) -> dict[str, Any]:
-    serving = model.spec["serving"]
+    serving = model.serving
     return _with_hash(
         {
             "apiVersion": "v1",
@@ -329,7 +333,7 @@ def serving_service(model: Model) -> dict[str, Any]:
 
 
 def endpoints(model: Model) -> dict[str, str]:
-    serving = model.spec["serving"]
+    serving = model.serving
     host = f"{serving_name(model.name)}.{model.namespace}.svc"
     return {
         "grpc": f"{host}:{serving.get('grpcPort', 8500)}",

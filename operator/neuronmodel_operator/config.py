@@ -13,6 +13,7 @@ def _list(value: str) -> list[str]:
 @dataclass(frozen=True)
 class OperatorConfig:
     rewrite_image: str = ""  # image of the rewrite Job when a NeuronModel names none
+    serving_image: str = ""  # TF Serving image when a NeuronModel names none (no built-in default: see neuron.md)
     scheduler_name: str = ""  # default schedulerName of serving pods (the Neuron scheduler extension)
     default_tolerations: list[dict] = field(default_factory=list)
 
@@ -21,6 +22,7 @@ class OperatorConfig:
         tolerate = _list(os.environ.get("NEURONMODEL_TOLERATE_TAINTS", ""))
         return cls(
             rewrite_image=os.environ.get("NEURONMODEL_REWRITE_IMAGE", ""),
+            serving_image=os.environ.get("NEURONMODEL_SERVING_IMAGE", ""),
             scheduler_name=os.environ.get("NEURONMODEL_SCHEDULER_NAME", ""),
             default_tolerations=[{"key": key, "operator": "Exists", "effect": "NoSchedule"} for key in tolerate],
         )

@@ -33,9 +33,11 @@ def validate(spec: dict[str, Any], config: OperatorConfig) -> None:
     cores = spec.get("numCores")
     if not isinstance(cores, int) or isinstance(cores, bool) or cores < 1:
         raise SpecError("InvalidSpec", f"spec.numCores: must be an integer of at least 1, got {cores!r}")
-    if not _get(spec, "serving.image"):
+    if not (_get(spec, "serving.image") or config.serving_image):
         raise SpecError(
-            "InvalidSpec", "spec.serving.image: required (a TensorFlow Serving image with the Neuron runtime)"
+            "InvalidSpec",
+            "spec.serving.image: required (a TensorFlow Serving image with the Neuron runtime), since the operator "
+            "has no default serving image configured",
         )
     if not (_get(spec, "rewrite.image") or config.rewrite_image):
         raise SpecError(

@@ -501,3 +501,14 @@ def test_batching_parameters_have_a_hash_that_rolls_the_pods() -> None:
     assert (
         dep8["metadata"]["annotations"][SPEC_HASH_ANNOTATION] != dep16["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
     )
+
+
+def test_the_operator_default_serving_image_applies_when_the_spec_names_none() -> None:
+    spec = make_spec()
+    del spec["serving"]
+    model = Model.from_body({"metadata": {"name": "m", "namespace": NAMESPACE}, "spec": spec})
+    config = OperatorConfig(rewrite_image="r:1", serving_image="registry.example.com/tfserving-neuronx:1")
+    container = serving_deployment(model, config, "r1")["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "registry.example.com/tfserving-neuronx:1"
+    assert container["command"] == ["tensorflow_model_server_neuronx"]
+    assert serving_service(model)["spec"]["ports"][0]["port"] == 8500

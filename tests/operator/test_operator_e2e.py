@@ -162,7 +162,7 @@ def test_operator_killed_during_the_rewrite_resumes_without_duplicating_it(env: 
         ({"source": {"s3": {"uri": "ftp://bucket/model"}}}, "spec.source.s3.uri"),
         ({"source": {"pvc": {"claimName": ""}}}, "spec.source.pvc.claimName"),
         ({"store": {"claimName": "store", "path": "../other-team"}}, "spec.store.path"),
-        ({"serving": {}}, "spec.serving.image"),
+        ({"serving": {"image": ""}}, "spec.serving.image"),
         ({"store": {"claimName": "store", "path": "/abs"}}, "spec.store.path"),
         ({"source": {"pvc": {"claimName": "c", "path": "a/../../b"}}}, "spec.source.pvc.path"),
         ({"source": {"gcs": {"uri": "gs://bucket/model"}}}, "spec.source"),

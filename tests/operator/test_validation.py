@@ -79,13 +79,18 @@ def test_num_cores_must_be_a_positive_integer(cores: Any) -> None:
     assert "spec.numCores" in str(error) and repr(cores) in str(error)
 
 
-def test_serving_image_is_required() -> None:
+def test_serving_image_is_required_without_an_operator_default() -> None:
     spec = make_spec()
     del spec["serving"]["image"]
     error = spec_error(spec)
     assert error.reason == "InvalidSpec"
     assert "spec.serving.image" in str(error)
     assert "spec.serving.image" in str(spec_error(make_spec(serving={"image": ""})))
+    validate(spec, OperatorConfig(rewrite_image="r:1", serving_image="registry.example.com/tfserving-neuronx:1"))
+    # No serving section at all: everything defaults.
+    bare = make_spec()
+    del bare["serving"]
+    validate(bare, OperatorConfig(rewrite_image="r:1", serving_image="registry.example.com/tfserving-neuronx:1"))
 
 
 def test_rewrite_image_is_required_without_an_operator_default() -> None:
