@@ -58,9 +58,17 @@ def test_model_goes_ready_scales_changes_cores_and_cleans_up(env: Env, models: d
     env.wait_phase("resnet50", "Ready")
     assert len(env.jobs()) == 1
 
-    # A numCores change runs a new rewrite and rolls the pods to it.
+    # A numCores change runs a new rewrite and rolls the pods to it, never below 2 ready pods (maxUnavailable 0).
     env.patch_spec("resnet50", {"numCores": 1, "nodeSelector": None})
-    wait_for(lambda: env.status("resnet50").get("servedCores") == 1, timeout=120, what="served on 1 core")
+    ready_seen: list[int] = []
+
+    def rolled() -> bool:
+        ready_seen.append(env.apps.read_namespaced_deployment_status("resnet50", env.namespace).status.ready_replicas)
+        status = env.status("resnet50")
+        return status.get("servedCores") == 1 and status.get("phase") == "Ready"
+
+    wait_for(rolled, timeout=120, what="Ready on 1 core")
+    assert min(r or 0 for r in ready_seen) >= 2, ready_seen
     status = env.wait_phase("resnet50", "Ready")
     assert status["rewrite"]["path"] != store.parent.relative_to(env.tmp / "store").as_posix()
     wait_for(lambda: len(env.jobs()) == 1, what="the superseded Job deleted")
