@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
 import sys
 
 import kopf
@@ -16,6 +17,13 @@ def main(argv: list[str] | None = None) -> int:
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (default)")
     parser.add_argument("--peering", default=None, help="Kopf peering object name, for several operator replicas")
     parser.add_argument("--standalone", action="store_true", help="no peering: the only replica")
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=random.randint(1, 1_000_000),
+        help="peering priority; the highest live replica works, the others wait (default: random, so that replicas "
+        "differ: Kopf pauses every replica when the highest priority is shared)",
+    )
     parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint ('' for none)")
     parser.add_argument("--log-format", choices=("plain", "json"), default="plain")
     parser.add_argument("--verbose", "-v", action="store_true")
@@ -35,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         namespaces=args.namespace,
         standalone=args.standalone,
         peering_name=args.peering,
+        priority=args.priority,
         liveness_endpoint=args.liveness or None,
     )
     return 0

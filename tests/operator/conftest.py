@@ -64,6 +64,7 @@ class Env:
         self.batch = client.BatchV1Api(cluster.api)
         self.custom = client.CustomObjectsApi(cluster.api)
         self.operator: subprocess.Popen | None = None
+        self.replicas: list[subprocess.Popen] = []  # operators started with peering
         self.log = tmp / "operator.log"
         self.volumes: list[str] = []
 
@@ -83,16 +84,25 @@ class Env:
                 },
             )
 
-    def start_operator(self) -> None:
+    def _spawn_operator(self, log: Path, *args: str) -> subprocess.Popen:
         env = dict(os.environ, KUBECONFIG=str(self.cluster.kubeconfig), NEURONMODEL_REWRITE_IMAGE="local/rewrite:test")
-        with self.log.open("ab") as out:
-            self.operator = subprocess.Popen(
-                [sys.executable, "-m", "neuronmodel_operator", "--standalone", "-n", self.namespace, "--liveness", ""],
+        with log.open("ab") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "neuronmodel_operator", "-n", self.namespace, "--liveness", "", *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
             )
+
+    def start_operator(self) -> None:
+        self.operator = self._spawn_operator(self.log, "--standalone")
+
+    def start_replica(self, peering: str, priority: int) -> Path:
+        """One more operator process in the peering ``peering``; returns its log file."""
+        log = self.tmp / f"operator-{len(self.replicas)}.log"
+        self.replicas.append(self._spawn_operator(log, "--peering", peering, "--priority", str(priority)))
+        return log
 
     def kill_operator(self) -> None:
         if self.operator is not None and self.operator.poll() is None:
@@ -101,13 +111,15 @@ class Env:
         self.operator = None
 
     def stop_operator(self) -> None:
-        if self.operator is not None and self.operator.poll() is None:
-            os.killpg(self.operator.pid, signal.SIGTERM)
-            try:
-                self.operator.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill_operator()
-        self.operator = None
+        for process in [self.operator, *self.replicas]:
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+        self.operator, self.replicas = None, []
 
     def apply(self, manifest: dict[str, Any] | str) -> subprocess.CompletedProcess[str]:
         text = manifest if isinstance(manifest, str) else yaml.safe_dump(manifest)
