@@ -23,6 +23,7 @@ OWNED = {MANAGED_BY_LABEL: MANAGED_BY}
 RETRY_SECONDS, MAX_RETRY_SECONDS = 2, 60
 log = logging.getLogger("neuronmodel_operator")
 _state: dict[str, Any] = {}
+_timers: dict[tuple[str, str], threading.Timer] = {}
 # ownerReferences too: a PUT replace sends back the references it read, or the children would be orphaned.
 _METADATA = (
     "name",
@@ -121,12 +122,28 @@ def _reconcile_key(key: tuple[str, str], indexes: dict[str, kopf.Index], attempt
         of("jobs_index"), of("deployments_index"), of("services_index"), of("configmaps_index"), of("pods_index")
     )
     try:
-        reconcile(models[0], children, _state["api"], _state["config"])
+        requeue = reconcile(models[0], children, _state["api"], _state["config"])
     except (ApiException, OSError) as exc:
-        # Event handlers are not retried by Kopf, and no finalizer should hold a model for a timer: retry here.
+        # Temporary (the API unreachable, a conflict): event handlers are not retried by Kopf, and no finalizer
+        # should hold a model for a timer, so retry here. A spec that cannot work is not an exception: it is
+        # reported in the status (permanent until the spec changes).
         delay = min(RETRY_SECONDS * 2**attempt, MAX_RETRY_SECONDS)
         log.warning("reconcile of %s/%s failed (%s); retrying in %d s", key[0], key[1], exc, delay)
-        threading.Timer(delay, _reconcile_key, (key, indexes, attempt + 1)).start()
+        _later(delay, key, indexes, attempt + 1)
+        return
+    if requeue is not None:
+        _later(requeue, key, indexes)
+
+
+def _later(delay: float, key: tuple[str, str], indexes: dict[str, kopf.Index], attempt: int = 0) -> None:
+    """One pending timer per model: a newer request replaces the older one."""
+    timer = threading.Timer(max(delay, 0.1), _reconcile_key, (key, indexes, attempt))
+    timer.daemon = True
+    previous = _timers.pop(key, None)
+    if previous is not None:
+        previous.cancel()
+    _timers[key] = timer
+    timer.start()
 
 
 @kopf.on.event(GROUP, VERSION, "neuronmodels")

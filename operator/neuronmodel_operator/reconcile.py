@@ -10,7 +10,7 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import kopf
@@ -27,11 +27,12 @@ from .builders import (
 )
 from .config import OperatorConfig
 from .naming import GROUP, SPEC_HASH_ANNOTATION, job_name
-from .status import Observed, compute_status, job_outcome
+from .status import Observed, Retry, compute_status, job_outcome
 from .validation import SpecError, validate
 
 VERSION, PLURAL = "v1alpha1", "neuronmodels"
 USER_AGENT = "neuronmodel-operator"
+REWRITE_RETRY_SECONDS, MAX_REWRITE_RETRY_SECONDS = 30, 600
 log = logging.getLogger("neuronmodel_operator")
 
 # Reconciles of one model are serialised: child events arrive on several watch streams at once.
@@ -130,20 +131,35 @@ def _apply(api: Api, owner: kopf.Body | dict, desired: dict[str, Any], observed:
         api.replace(desired, observed)
 
 
-def reconcile(body: kopf.Body | dict, children: Children, api: Api, config: OperatorConfig) -> None:
+def retry_delay(retries: int) -> float:
+    """Back-off before re-running a failed rewrite, as a kubelet backs off a crash-looping container."""
+    return float(min(REWRITE_RETRY_SECONDS * 2**retries, MAX_REWRITE_RETRY_SECONDS))
+
+
+def _failed_at(job: dict[str, Any]) -> datetime:
+    failed = next(c for c in job["status"]["conditions"] if c.get("type") == "Failed")
+    stamp = failed.get("lastTransitionTime") or now()
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+
+
+def reconcile(body: kopf.Body | dict, children: Children, api: Api, config: OperatorConfig) -> float | None:
+    """Returns in how many seconds to look again when nothing else will trigger it (a rewrite retry), or None."""
     meta = body["metadata"]
     if meta.get("deletionTimestamp"):
-        return  # the garbage collector removes the children through their owner references
+        return None  # the garbage collector removes the children through their owner references
     with _locks[(meta["namespace"], meta["name"])]:
-        _reconcile(body, children, api, config)
+        return _reconcile(body, children, api, config)
 
 
-def _reconcile(body: kopf.Body | dict, children: Children, api: Api, config: OperatorConfig) -> None:
+def _reconcile(body: kopf.Body | dict, children: Children, api: Api, config: OperatorConfig) -> float | None:
     model = Model.from_body(dict(body))
     meta = body["metadata"]
+    # Our own last write is newer than what the index may still show (the watch event of that write can lag).
+    previous = _written.get(meta.get("uid", "")) or dict(body.get("status") or {})
     error: SpecError | None = None
     rewrite_id: str | None = None
     job = None
+    retry = Retry()
     try:
         validate(model.spec, config)
     except SpecError as exc:
@@ -151,8 +167,19 @@ def _reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Ope
     if error is None:
         rewrite_id = model.rewrite_id(config)
         job = children.jobs.get(job_name(model.name, rewrite_id))
+        last = previous.get("rewrite") or {}
+        retry.count = int(last.get("retries") or 0) if last.get("id") == rewrite_id else 0
         if job is None:
             _apply(api, body, rewrite_job(model, config), None)
+        elif job_outcome(job) == "Failed":
+            # The source may be repaired or uploaded in place: run the rewrite again after a growing back-off.
+            due = _failed_at(job) + timedelta(seconds=retry_delay(retry.count))
+            retry.wait = (due - datetime.now(timezone.utc)).total_seconds()
+            retry.at = due.strftime("%Y-%m-%dT%H:%M:%SZ")
+            if retry.wait <= 0:
+                api.delete_job(model.namespace, job["metadata"]["name"])  # recreated once its deletion is seen
+                retry.count += 1
+                retry.wait = None
         served = children.deployment
         served_id = ((served or {}).get("metadata", {}).get("annotations") or {}).get(REWRITE_ANNOTATION)
         if job_outcome(job) == "Complete":
@@ -179,9 +206,7 @@ def _reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Ope
         p for p in children.pods if (p["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "serving"
     ]
     observed = Observed(job, job_pods, children.deployment, serving_pods, children.service)
-    # Our own last write is newer than what the index may still show (the watch event of that write can lag).
-    previous = _written.get(meta.get("uid", "")) or dict(body.get("status") or {})
-    status = compute_status(model, meta.get("generation", 1), rewrite_id, error, observed, previous, now())
+    status = compute_status(model, meta.get("generation", 1), rewrite_id, error, observed, previous, now(), retry)
     if without_none(status) != without_none({k: previous.get(k) for k in status}):
         api.patch_status(model.namespace, model.name, status)
         _written[meta.get("uid", "")] = status
@@ -197,3 +222,4 @@ def _reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Ope
                 status["phase"],
                 ready["message"],
             )
+    return retry.wait

@@ -24,6 +24,15 @@ class Observed:
     service: dict[str, Any] | None = None
 
 
+@dataclass
+class Retry:
+    """Re-runs of a failed rewrite: how many so far, and when the next one is due (absolute, so status is stable)."""
+
+    count: int = 0
+    at: str | None = None
+    wait: float | None = None  # seconds until ``at``; None when no retry is pending
+
+
 def job_outcome(job: dict[str, Any] | None) -> str:
     """ "Complete", "Failed", or "Running" (also for a Job not created yet: None)."""
     for condition in (job or {}).get("status", {}).get("conditions") or []:
@@ -55,7 +64,7 @@ def _failure_message(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
     return f"{base}: {detail}" if detail else f"{base}: {failed.get('message', 'no message from the pod')}"
 
 
-def _serving_problem(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
+def _pod_problem(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
     """Why serving pods are not ready, in the scheduler's or the server's own words."""
     for pod in pods:
         for condition in pod.get("status", {}).get("conditions") or []:
@@ -86,6 +95,7 @@ def compute_status(
     observed: Observed,
     previous: dict[str, Any],
     now: str,
+    retry: Retry | None = None,
 ) -> dict[str, Any]:
     spec = model.spec
     desired = spec.get("replicas", 1)
@@ -106,14 +116,21 @@ def compute_status(
         )
     elif outcome == "Failed":
         message = _failure_message(observed.job or {}, observed.job_pods)
+        if retry is not None and retry.wait is not None:
+            message += f"; retry {retry.count + 1} at {retry.at}"
         rewrite = _condition(REWRITE_SUCCEEDED, False, "RewriteFailed", message)
     else:
         job = (observed.job or {}).get("metadata", {}).get("name", "(creating)")
-        rewrite = _condition(
-            REWRITE_SUCCEEDED,
-            False,
-            "RewriteRunning",
-            f"rewriting the model for {model.cores} NeuronCores in Job {job}",
+        stuck = _pod_problem(observed.job_pods)  # e.g. its source claim does not exist, so it cannot schedule
+        rewrite = (
+            _condition(REWRITE_SUCCEEDED, False, "RewritePending", f"rewrite Job {job}: {stuck[1]}")
+            if stuck is not None
+            else _condition(
+                REWRITE_SUCCEEDED,
+                False,
+                "RewriteRunning",
+                f"rewriting the model for {model.cores} NeuronCores in Job {job}",
+            )
         )
 
     available_replicas = dep_status.get("availableReplicas") or 0
@@ -140,7 +157,7 @@ def compute_status(
         and available_replicas == desired
         and (dep_status.get("replicas") or 0) == desired
     )
-    problem = _serving_problem(observed.serving_pods)
+    problem = _pod_problem(observed.serving_pods)
     progress_failed = any(
         c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded"
         for c in dep_status.get("conditions") or []
@@ -161,8 +178,8 @@ def compute_status(
         phase = "Ready"
     elif outcome != "Complete":
         keep = " (the current pods keep serving the previous rewrite)" if deployment is not None else ""
-        ready = _condition(READY, False, "RewriteRunning", rewrite["message"] + keep)
-        phase = "Rewriting"
+        ready = _condition(READY, False, rewrite["reason"], rewrite["message"] + keep)
+        phase = "Pending" if rewrite["reason"] == "RewritePending" else "Rewriting"
     elif problem is not None:
         ready = _condition(READY, False, *problem)
         if available["status"] == "True":
@@ -204,6 +221,7 @@ def compute_status(
             "id": rewrite_id,
             "job": (observed.job or {}).get("metadata", {}).get("name"),
             "path": model.rewrite_path(rewrite_id) if rewrite_id else None,
+            "retries": retry.count if retry is not None and retry.count else None,
         },
         "endpoints": endpoints(model) if observed.service is not None and error is None else None,
     }

@@ -16,7 +16,7 @@ from unit_helpers import (
 from neuronmodel_operator.builders import Model
 from neuronmodel_operator.config import OperatorConfig
 from neuronmodel_operator.naming import job_name
-from neuronmodel_operator.status import Observed, compute_status, job_outcome
+from neuronmodel_operator.status import Observed, Retry, compute_status, job_outcome
 from neuronmodel_operator.validation import SpecError, validate
 
 CONFIG = OperatorConfig()
@@ -73,7 +73,7 @@ def test_a_spec_error_fails_the_model() -> None:
     assert conditions(status)["RewriteSucceeded"]["status"] == "Unknown"
     assert conditions(status)["RewriteSucceeded"]["reason"] == "InsufficientInstanceCores"
     assert status["observedGeneration"] == 3
-    assert status["rewrite"] == {"id": None, "job": None, "path": None}
+    assert status["rewrite"] == {"id": None, "job": None, "path": None, "retries": None}
     assert status["endpoints"] is None
 
 
@@ -324,3 +324,41 @@ def test_every_condition_carries_the_observed_generation() -> None:
     assert [c["observedGeneration"] for c in status["conditions"]] == [7, 7, 7]
     assert [c["type"] for c in status["conditions"]] == ["RewriteSucceeded", "Available", "Ready"]
     assert all(c["status"] in ("True", "False", "Unknown") for c in status["conditions"])
+
+
+def test_a_rewrite_pod_that_cannot_schedule_is_pending_with_the_schedulers_reason() -> None:
+    model = make_model()
+    rewrite_id = model.rewrite_id(CONFIG)
+    name = job_name(model.name, rewrite_id)
+    pod = job_pod(name, "x1", "2025-05-01T10:00:06Z", "")
+    pod["status"] = {
+        "phase": "Pending",
+        "conditions": [
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": '0/7 nodes are available: persistentvolumeclaim "compiled" not found.',
+            }
+        ],
+    }
+    status = compute_status(
+        model, 1, rewrite_id, None, Observed(job=job_body(name), job_pods=[pod]), {}, "2025-05-01T10:01:00Z"
+    )
+    assert status["phase"] == "Pending"
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "RewritePending"
+    assert 'persistentvolumeclaim "compiled" not found' in ready["message"]
+
+
+def test_a_failed_rewrite_names_its_next_retry() -> None:
+    model = make_model()
+    rewrite_id = model.rewrite_id(CONFIG)
+    name = job_name(model.name, rewrite_id)
+    job = job_body(name, "Failed", reason="BackoffLimitExceeded", message="Job has reached the specified backoff limit")
+    retry = Retry(count=1, at="2025-05-01T10:05:00Z", wait=60.0)
+    status = compute_status(model, 1, rewrite_id, None, Observed(job=job), {}, "2025-05-01T10:04:00Z", retry)
+    assert status["phase"] == "Failed"
+    rewrite = next(c for c in status["conditions"] if c["type"] == "RewriteSucceeded")
+    assert rewrite["message"].endswith("; retry 2 at 2025-05-01T10:05:00Z")
+    assert status["rewrite"]["retries"] == 1
