@@ -4,8 +4,11 @@ There is no container runtime here, so the agent does what a node must for the p
 
 - Pods that run a command (the rewrite Job, any tool in the virtualenv): the command runs for real as a local
   process. Volumes (hostPath, PVCs bound to hostPath PVs, emptyDir, configMap, secret) become local directories;
-  with no mount namespace, container paths are translated instead: every argument, environment value and working
-  directory that starts with a volumeMount's mountPath is rewritten to the host directory behind it.
+  container paths are translated: every argument, environment value and working directory that starts with a
+  volumeMount's mountPath is rewritten to the host directory behind it. Mounts under /var/run/secrets (the service
+  account token, CA and namespace every Kubernetes client's in-cluster config reads at that fixed path) are bind
+  mounted there instead, in a private mount namespace of the container's process (``unshare``, as root), so an
+  operator pod talks to the apiserver with its own service account as on a real node.
 - TensorFlow Serving pods (no TF Serving binary exists here): the agent checks what the real server needs, that the
   model base path holds a version whose NeuronOps are tagged for exactly the NeuronCores the pod requests, and then
   reports the pod Running and Ready; otherwise a waiting container with the reason, as a crash-looping server would.
@@ -49,6 +52,14 @@ TERMINATION_MAX_BYTES = 2048  # what a kubelet keeps of the logs for FallbackToL
 MAX_GRACE_SECONDS = 30
 SERVING_RECHECK_SECONDS = 2.0
 IRSA_ROLE_ANNOTATION = "eks.amazonaws.com/role-arn"
+# Read by clients at a fixed path, which no path translation reaches: bind mounted (see in_mount_namespace).
+BIND_MOUNT_PREFIX = "/var/run/secrets/"
+# Runs as ``sh -c SCRIPT sh HOST CONTAINER ro|rw ... -- ARGV``: mounts each triple, then becomes ARGV. ``mkdir -p``
+# creates a missing mount point on the host (an empty directory under /run, as a kubelet's runtime would).
+_BIND_SCRIPT = (
+    'while [ "$1" != -- ]; do mkdir -p "$2" && mount --bind "$1" "$2" || exit 126; '
+    'if [ "$3" = ro ]; then mount -o remount,bind,ro "$2" || exit 126; fi; shift 3; done; shift; exec "$@"'
+)
 
 
 def now() -> str:
@@ -78,6 +89,16 @@ def translate(value: str, mounts: list[Mount]) -> str:
     alternatives = "|".join(re.escape(p) for p in sorted(hosts, key=len, reverse=True))  # longest mount wins
     pattern = rf"(^|[\s=:'\"])({alternatives})(?=/|$|[\s'\"])"
     return re.sub(pattern, lambda m: m[1] + hosts[m[2]], value)  # one pass: a host path is never re-translated
+
+
+def in_mount_namespace(argv: list[str], mounts: list[Mount]) -> list[str]:
+    """``argv`` wrapped to run in a private mount namespace with the mounts under /var/run/secrets bind mounted at
+    their container paths; unchanged when there are none, or when the agent is not root and so cannot mount."""
+    binds = [m for m in mounts if (m.container_path.rstrip("/") + "/").startswith(BIND_MOUNT_PREFIX)]
+    if not binds or os.geteuid() != 0:
+        return argv
+    triples = [x for m in binds for x in (str(m.host_path), m.container_path, "ro" if m.read_only else "rw")]
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", _BIND_SCRIPT, "sh", *triples, "--", *argv]
 
 
 def tail(text: str) -> str:
@@ -272,7 +293,7 @@ class PodRunner(threading.Thread):
         cwd = translate(container.working_dir, mounts) if container.working_dir else str(self.dir)
         with logfile.open("wb") as out:
             self.process = subprocess.Popen(
-                argv,
+                in_mount_namespace(argv, mounts),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

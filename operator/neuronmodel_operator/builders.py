@@ -167,6 +167,7 @@ def rewrite_job(model: Model, config: OperatorConfig) -> dict[str, Any]:
                     "metadata": {"labels": pod_labels},
                     "spec": {
                         "restartPolicy": "Never",
+                        "automountServiceAccountToken": False,  # it never calls the Kubernetes API
                         "securityContext": POD_SECURITY,
                         "initContainers": init_containers,
                         "containers": [container],
@@ -267,6 +268,7 @@ def serving_deployment(model: Model, config: OperatorConfig, rewrite_id: str) ->
         "securityContext": CONTAINER_SECURITY,
     }
     pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,  # TF Serving never calls the Kubernetes API
         "containers": [container],
         "volumes": volumes,
         "securityContext": POD_SECURITY,

@@ -1,0 +1,75 @@
+{{/* Name of every object the chart makes: the release name, with the chart's name unless it already has it. */}}
+{{- define "neuronmodel-operator.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "neuronmodel-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "neuronmodel-operator.labels" -}}
+{{ include "neuronmodel-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* An image reference from {repository, tag}; the tag defaults to the chart's appVersion. */}}
+{{- define "neuronmodel-operator.image" -}}
+{{- printf "%s:%s" .image.repository (.image.tag | default .appVersion) -}}
+{{- end -}}
+
+{{/* Peering is on when several replicas must agree which one works (Kopf's --peering). */}}
+{{- define "neuronmodel-operator.peering" -}}
+{{- if gt (int .Values.replicas) 1 }}true{{ end -}}
+{{- end -}}
+
+{{/*
+The rules the operator needs on NeuronModels and their children, wherever it serves them. Every verb is one the
+code uses: Kopf lists and watches (indexes, event handlers; no finalizers, no progress annotations, so it never
+writes a NeuronModel); the reconcile creates Jobs, Deployments, Services and ConfigMaps, replaces (PUT: update)
+the last three, patches Deployment replicas and NeuronModel status, deletes superseded Jobs; events are posted
+through the core API by Kopf (kopf.info/kopf.warn). Pods are only read, to report why they do not run.
+*/}}
+{{- define "neuronmodel-operator.rules" -}}
+- apiGroups: [serving.neuron.dev]
+  resources: [neuronmodels]
+  verbs: [list, watch]
+- apiGroups: [serving.neuron.dev]
+  resources: [neuronmodels/status]
+  verbs: [patch]
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [list, watch, create, delete]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [list, watch, create, update, patch]
+- apiGroups: [""]
+  resources: [services, configmaps]
+  verbs: [list, watch, create, update]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list, watch]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- end -}}
+
+{{/*
+Kopf's peering objects: it lists and watches them all (peers of any name), and patches its keep-alives into the
+status of its own, the only one it may write.
+*/}}
+{{- define "neuronmodel-operator.peeringRules" -}}
+- apiGroups: [kopf.dev]
+  resources: [{{ .resource }}]
+  verbs: [list, watch]
+- apiGroups: [kopf.dev]
+  resources: [{{ .resource }}]
+  resourceNames: [{{ .name }}]
+  verbs: [patch]
+{{- end -}}

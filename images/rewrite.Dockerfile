@@ -1,0 +1,20 @@
+# The rewrite Job: tf-neuron-auto-multicore (standard library only: no TensorFlow, no Neuron SDK) and, for s3://
+# and http(s):// sources, the init container's neuron-model-fetch (the `fetch` extra: boto3), as a non-root user.
+# Build from the repository root; the chart's rewriteImage (NEURONMODEL_REWRITE_IMAGE) names it:
+#   docker build -f images/rewrite.Dockerfile -t <registry>/neuronmodel-rewrite:0.1.0 .
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY operator ./operator
+RUN pip install ".[fetch]" && rm -rf /src
+
+WORKDIR /
+# The operator's Jobs run as non-root with a read-only root filesystem; they write only to their volumes.
+USER 65532:65532
+ENTRYPOINT ["tf-neuron-auto-multicore"]
