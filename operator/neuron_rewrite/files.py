@@ -78,7 +78,10 @@ def copy_tree(src: Path, dst: Path, skip: set[Path], fsync: bool) -> None:
             if rel in skip:
                 continue
             if path.is_symlink():
-                target = path.resolve()
+                try:
+                    target = path.resolve()
+                except (RuntimeError, OSError) as exc:  # a loop of links
+                    raise InvalidModelError(f"{path}: symbolic link cannot be resolved ({exc})") from exc
                 if target != root and root not in target.parents:
                     raise InvalidModelError(f"{path}: symbolic link points outside the model (to {target})")
                 os.symlink(os.readlink(path), out / name)

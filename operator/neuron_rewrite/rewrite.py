@@ -56,6 +56,9 @@ def find_saved_models(root: Path) -> list[tuple[str | None, Path]]:
 
 def _scan(root: Path, version: str | None, relative: Path, num_cores: int | None) -> _Model:
     pb = root / relative / SAVED_MODEL
+    if pb.is_symlink() and root.resolve() not in pb.resolve().parents:
+        # Reading through it would carry a file from elsewhere into the output.
+        raise InvalidModelError(f"{pb}: symbolic link points outside the model (to {pb.resolve()})")
     fingerprint = "present" if (root / relative / FINGERPRINT).exists() else "absent"
     report = ModelReport(path=str(root / relative), version=version, fingerprint=fingerprint)
     fd = os.open(pb, os.O_RDONLY)

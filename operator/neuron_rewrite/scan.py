@@ -225,8 +225,13 @@ class SavedModelScanner:
         self.neuron_ops.append(info)
         if self.num_cores is None:
             return None
+        where = f"function {info.function}" if info.function else f"meta graph {info.meta_graph}"
+        if _MODEL_CONFIG_ATTR not in values:
+            raise InvalidModelError(
+                f"{self.label}: NeuronOp {name!r} in {where} has no model_config attribute, which the Neuron "
+                "runtime requires (its pipeline size is unknown): the model is damaged or not compiled by Neuron"
+            )
         if info.pipeline_size is not None and info.pipeline_size > 1:
-            where = f"function {info.function}" if info.function else f"meta graph {info.meta_graph}"
             raise NotReplicableError(
                 f"{self.label}: NeuronOp {name!r} in {where} was compiled with pipeline size "
                 f"{info.pipeline_size} (--neuroncore-pipeline-cores={info.pipeline_size}); only models compiled "
