@@ -39,6 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import urllib3
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
@@ -101,6 +102,32 @@ def in_mount_namespace(argv: list[str], mounts: list[Mount]) -> list[str]:
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", _BIND_SCRIPT, "sh", *triples, "--", *argv]
 
 
+class Retrying:
+    """The API as a kubelet uses it: a call that fails because the apiserver is away (restarting, overloaded) is
+    tried again with back-off, until it answers or the pod is stopped; answers such as 404 go to the caller."""
+
+    def __init__(self, api: Any, stopping: threading.Event) -> None:
+        self._api, self._stopping = api, stopping
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._api, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            delay = 0.2
+            while True:
+                try:
+                    return method(*args, **kwargs)
+                except (urllib3.exceptions.HTTPError, ApiException) as exc:
+                    transient = not isinstance(exc, ApiException) or exc.status in (0, 429) or exc.status >= 500
+                    if not transient or self._stopping.is_set():
+                        raise
+                    log.warning("api %s failed (%s); retrying in %.1f s", name, type(exc).__name__, delay)
+                    self._stopping.wait(delay)
+                    delay = min(delay * 2, 5.0)
+
+        return call
+
+
 def tail(text: str) -> str:
     lines = "\n".join(text.splitlines()[-TERMINATION_TAIL_LINES:])
     return lines.encode()[-TERMINATION_MAX_BYTES:].decode(errors="replace")
@@ -113,9 +140,9 @@ class PodRunner(threading.Thread):
         super().__init__(daemon=True, name=f"pod-{pod.metadata.namespace}/{pod.metadata.name}")
         self.agent = agent
         self.pod = pod
-        self.core = client.CoreV1Api(agent.api_client)
-        self.dir = agent.workdir / "pods" / pod.metadata.uid
         self.stopping = threading.Event()
+        self.core: Any = Retrying(client.CoreV1Api(agent.api_client), self.stopping)
+        self.dir = agent.workdir / "pods" / pod.metadata.uid
         self.process: subprocess.Popen | None = None
         self.pod_ip = agent.next_pod_ip()
         self._irsa: dict[str, str] | None = None

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from kubernetes import client
@@ -28,3 +30,14 @@ def namespace(cluster: SimulatedCluster, request: pytest.FixtureRequest) -> Iter
     name = cluster.create_namespace(f"t-{readable}-{digest}")
     yield name
     client.CoreV1Api(cluster.api).delete_namespace(name)
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 90, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something true, and return that; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

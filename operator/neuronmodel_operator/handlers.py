@@ -13,6 +13,7 @@ from typing import Any
 
 import kopf
 import kubernetes
+import urllib3
 from kubernetes.client.rest import ApiException
 
 from .config import OperatorConfig
@@ -20,6 +21,7 @@ from .naming import GROUP, MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL, model_labe
 from .reconcile import VERSION, Api, Children, reconcile
 
 OWNED = {MANAGED_BY_LABEL: MANAGED_BY}
+REQUIRED_GROUPS = {GROUP, "apps", "batch"}
 RETRY_SECONDS, MAX_RETRY_SECONDS = 2, 60
 log = logging.getLogger("neuronmodel_operator")
 _state: dict[str, Any] = {}
@@ -58,9 +60,23 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any)
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()
+    _wait_for_api_groups()
     _state["config"] = OperatorConfig.from_env()
     _state["api"] = Api()
     logger.info("operator configured: rewrite image default %r", _state["config"].rewrite_image or "(none)")
+
+
+def _wait_for_api_groups() -> None:
+    """Kopf resolves the watched resources once, at start: if the apiserver is restarting or the CRD is not
+    installed yet, it would serve nothing and say nothing. So start only once the API serves them all."""
+    try:
+        served = {group.name for group in kubernetes.client.ApisApi().get_api_versions().groups}
+    except (ApiException, OSError, urllib3.exceptions.HTTPError) as exc:
+        raise kopf.TemporaryError(f"the Kubernetes API is not reachable yet: {exc}", delay=2) from exc
+    missing = sorted(REQUIRED_GROUPS - served)
+    if missing:
+        hint = " (is the NeuronModel CRD installed?)" if GROUP in missing else ""
+        raise kopf.TemporaryError(f"the API does not serve {', '.join(missing)} yet{hint}", delay=2)
 
 
 @kopf.on.probe(id="indexes")

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,21 +11,12 @@ import pytest
 from kubernetes import client
 
 from localcluster.nodes import INSTANCE_TYPES, NEURON_TAINT, NEURONCORE, node_manifest, node_status
+from localcluster.pytest_plugin import wait_for
 from localcluster.simcluster import SimulatedCluster
 from neuron_rewrite import rewrite_model
 from synthetic_models import saved_model, write_model
 
 pytestmark = pytest.mark.cluster
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def pod(name: str, command: list[str], *, cores: int | None = None, **spec: Any) -> dict[str, Any]:

@@ -6,8 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +14,14 @@ import pytest
 import yaml
 from kubernetes import client
 
+from localcluster.pytest_plugin import wait_for
 from localcluster.simcluster import SimulatedCluster
 from neuron_modelgen import Options, build_model
+from neuronmodel_operator.naming import MODEL_LABEL, model_label
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "neuronmodel.yaml"
 GROUP, VERSION, PLURAL = "serving.neuron.dev", "v1alpha1", "neuronmodels"
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 90, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture(scope="session")
@@ -177,3 +167,8 @@ def neuron_model(name: str, source_claim: str, *, cores: int = 2, replicas: int 
             **spec,
         },
     }
+
+
+def serving_pods(env: Env, model: str) -> list[Any]:
+    selector = f"{MODEL_LABEL}={model_label(model)},app.kubernetes.io/component=serving"
+    return env.core.list_namespaced_pod(env.namespace, label_selector=selector).items

@@ -9,18 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import Env, neuron_model, wait_for
+from conftest import Env, neuron_model, serving_pods, wait_for
 from localcluster.simcluster import SimulatedCluster
 from neuron_rewrite import inspect_model
 
 pytestmark = pytest.mark.cluster
 
 NEURONCORE = "aws.amazon.com/neuroncore"
-
-
-def serving_pods(env: Env, name: str) -> list:
-    selector = f"serving.neuron.dev/model={name},app.kubernetes.io/component=serving"
-    return env.core.list_namespaced_pod(env.namespace, label_selector=selector).items
 
 
 def test_model_goes_ready_scales_changes_cores_and_cleans_up(env: Env, models: dict[str, Path]) -> None:
