@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,28 @@ def test_an_idle_operator_makes_no_api_writes(env: Env, models: dict[str, Path])
     ]
     assert events, "the audit log recorded nothing: the check would be vacuous"
     assert writes == []
+
+
+def test_no_secret_value_reaches_logs_events_or_status(env: Env, models: dict[str, Path]) -> None:
+    """The operator passes secret references through, never values: none shows up where people read."""
+    secret_value = "s3cr3t-" + uuid.uuid4().hex
+    env.core.create_namespaced_secret(
+        env.namespace, {"metadata": {"name": "api-key"}, "stringData": {"key": secret_value}}
+    )
+    env.hostpath_claim("compiled", models["resnet50"])
+    manifest = neuron_model("secretive", "compiled", cores=1)
+    manifest["spec"]["serving"]["env"] = [
+        {"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": "api-key", "key": "key"}}}
+    ]
+    manifest["spec"]["imagePullSecrets"] = [{"name": "api-key"}]
+    assert env.apply(manifest).returncode == 0
+    status = env.wait_phase("secretive", "Ready")
+    events = env.core.list_namespaced_event(env.namespace).items
+    assert any(e.involved_object.name == "secretive" for e in events), "the check needs the model's Events"
+    seen = [
+        json.dumps(status),
+        " ".join(f"{e.reason} {e.message}" for e in events),
+        env.log.read_text(errors="replace"),
+        json.dumps(env.apps.read_namespaced_deployment("secretive", env.namespace).to_dict(), default=str),
+    ]
+    assert all(secret_value not in text for text in seen)
