@@ -7,6 +7,7 @@ for the operator.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from typing import Any
@@ -153,7 +154,9 @@ def _reconcile_key(key: tuple[str, str], indexes: dict[str, kopf.Index], attempt
 
 def _later(delay: float, key: tuple[str, str], indexes: dict[str, kopf.Index], attempt: int = 0) -> None:
     """One pending timer per model: a newer request replaces the older one."""
-    timer = threading.Timer(max(delay, 0.1), _reconcile_key, (key, indexes, attempt))
+    # In a copy of the handler's context: Kopf's event posting (kopf.info/warn) reads its settings from it.
+    context = contextvars.copy_context()
+    timer = threading.Timer(max(delay, 0.1), context.run, (_reconcile_key, key, indexes, attempt))
     timer.daemon = True
     previous = _timers.pop(key, None)
     if previous is not None:
