@@ -7,6 +7,7 @@ NeuronOp on the cores the pod was given. A NeuronOp tagged for another core coun
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,18 +49,38 @@ def check_serving_container(
     if not versions:
         return f"no versions of servable {name} found under base path {base}"
     latest = versions[-1]
-    try:
-        report = inspect_model(latest)
-    except RewriteError as exc:
-        return f"failed to load servable {name} version {latest.name}: {exc}"
-    ops = [op for model in report.models for op in model.neuron_ops]
+    ops = _neuron_ops(latest, _identity(latest))
+    if isinstance(ops, str):
+        return f"failed to load servable {name} version {latest.name}: {ops}"
     if not ops:
         return f"servable {name} version {latest.name} has no NeuronOp: it is not compiled for Neuron"
-    wrong = [op for op in ops if op.automatic_multicore != cores]
+    wrong = [(node, tagged) for node, tagged in ops if tagged != cores]
     if wrong:
-        op = wrong[0]
+        node, tagged = wrong[0]
         return (
-            f"servable {name} version {latest.name}: NeuronOp {op.node} is tagged _automatic_multicore="
-            f"{op.automatic_multicore} but the pod has {cores} aws.amazon.com/neuroncore"
+            f"servable {name} version {latest.name}: NeuronOp {node} is tagged _automatic_multicore="
+            f"{tagged} but the pod has {cores} aws.amazon.com/neuroncore"
         )
     return None
+
+
+def _identity(version: Path) -> tuple:
+    """What changes when the graph is replaced or edited: a few stats, not a parse (pods re-check every 2 s)."""
+    files = []
+    for path in sorted(version.glob("saved_model.pb*")):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        files.append((path.name, stat.st_ino, stat.st_mtime_ns, stat.st_size))
+    return tuple(files)
+
+
+@functools.lru_cache(maxsize=512)
+def _neuron_ops(version: Path, identity: tuple) -> list[tuple[str, int | None]] | str:
+    """Each NeuronOp's node and core tag, or why the graph cannot load; ``identity`` is only the cache key."""
+    try:
+        report = inspect_model(version)
+    except RewriteError as exc:
+        return str(exc)
+    return [(op.node, op.automatic_multicore) for model in report.models for op in model.neuron_ops]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
+from collections import defaultdict
 from typing import Any
 
 import kopf
@@ -19,6 +20,7 @@ from kubernetes.client.rest import ApiException
 
 from .config import OperatorConfig
 from .naming import GROUP, MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL, model_label
+from .own_writes import ModelKey, slim
 from .reconcile import VERSION, Api, Children, reconcile
 
 OWNED = {MANAGED_BY_LABEL: MANAGED_BY}
@@ -26,31 +28,10 @@ REQUIRED_GROUPS = {GROUP, "apps", "batch"}
 RETRY_SECONDS, MAX_RETRY_SECONDS = 2, 60
 log = logging.getLogger("neuronmodel_operator")
 _state: dict[str, Any] = {}
-_timers: dict[tuple[str, str], threading.Timer] = {}
-# ownerReferences too: a PUT replace sends back the references it read, or the children would be orphaned.
-_METADATA = (
-    "name",
-    "namespace",
-    "uid",
-    "generation",
-    "labels",
-    "annotations",
-    "ownerReferences",
-    "creationTimestamp",
-    "deletionTimestamp",
-)
-
-
-def _slim(body: kopf.Body) -> dict[str, Any]:
-    """What the reconcile reads of an object: a plain copy, so an index holds no live view."""
-    meta = body["metadata"]
-    return {
-        "apiVersion": body.get("apiVersion"),
-        "kind": body.get("kind"),
-        "metadata": {k: meta.get(k) or ({} if k in ("labels", "annotations") else None) for k in _METADATA},
-        "spec": dict(body.get("spec") or {}) if body.get("kind") != "Pod" else {},
-        "status": dict(body.get("status") or {}),
-    }
+_timers: dict[ModelKey, threading.Timer] = {}
+# Reconciles of one model are serialised (child events arrive on several watch streams at once), and each reads
+# the indexes only once it holds the lock: a reconcile that waited must see what the one before it did.
+_locks: defaultdict[ModelKey, threading.Lock] = defaultdict(threading.Lock)
 
 
 @kopf.on.startup()
@@ -90,69 +71,75 @@ def probe(**_: Any) -> bool:
 
 @kopf.index(GROUP, VERSION, "neuronmodels")
 def models_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
-    return {(namespace, model_label(name)): _slim(body)}
+    return {(namespace, model_label(name)): slim(body)}
 
 
-def _child_key(namespace: str, labels: kopf.Labels) -> tuple[str, str]:
+def _child_key(namespace: str, labels: kopf.Labels) -> ModelKey:
     return (namespace, labels.get(MODEL_LABEL, ""))
 
 
 @kopf.index("batch", "v1", "jobs", labels=OWNED)
 def jobs_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
-    return {_child_key(namespace, labels): _slim(body)}
+    return {_child_key(namespace, labels): slim(body)}
 
 
 @kopf.index("apps", "v1", "deployments", labels=OWNED)
 def deployments_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
-    return {_child_key(namespace, labels): _slim(body)}
+    return {_child_key(namespace, labels): slim(body)}
 
 
 @kopf.index("v1", "services", labels=OWNED)
 def services_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
-    return {_child_key(namespace, labels): _slim(body)}
+    return {_child_key(namespace, labels): slim(body)}
 
 
 @kopf.index("v1", "configmaps", labels=OWNED)
 def configmaps_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
-    return {_child_key(namespace, labels): _slim(body)}
+    return {_child_key(namespace, labels): slim(body)}
 
 
 @kopf.index("v1", "pods", labels=OWNED)
 def pods_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
-    return {_child_key(namespace, labels): _slim(body)}
+    return {_child_key(namespace, labels): slim(body)}
 
 
 # Reconcile triggers ---------------------------------------------------------------------------------------------
 
 
-def _reconcile_key(key: tuple[str, str], indexes: dict[str, kopf.Index], attempt: int = 0) -> None:
-    if "api" not in _state or key not in indexes["models_index"]:
+def _reconcile_key(key: ModelKey, indexes: dict[str, kopf.Index], attempt: int = 0) -> None:
+    if "api" not in _state:
         return
-    models = list(indexes["models_index"][key])
-    if not models:
-        return
+    api: Api = _state["api"]
+    with _locks[key]:
+        models = list(indexes["models_index"].get(key, []))
+        if not models:
+            return
 
-    def of(index: str) -> list:
-        return list(indexes[index].get(key, []))
+        def of(index: str, kind: str) -> list:
+            return api.own.children(key, kind, list(indexes[index].get(key, [])))
 
-    children = Children(
-        of("jobs_index"), of("deployments_index"), of("services_index"), of("configmaps_index"), of("pods_index")
-    )
-    try:
-        requeue = reconcile(models[0], children, _state["api"], _state["config"])
-    except (ApiException, OSError) as exc:
-        # Temporary (the API unreachable, a conflict): event handlers are not retried by Kopf, and no finalizer
-        # should hold a model for a timer, so retry here. A spec that cannot work is not an exception: it is
-        # reported in the status (permanent until the spec changes).
-        delay = min(RETRY_SECONDS * 2**attempt, MAX_RETRY_SECONDS)
-        log.warning("reconcile of %s/%s failed (%s); retrying in %d s", key[0], key[1], exc, delay)
-        _later(delay, key, indexes, attempt + 1)
-        return
+        children = Children(
+            of("jobs_index", "Job"),
+            of("deployments_index", "Deployment"),
+            of("services_index", "Service"),
+            of("configmaps_index", "ConfigMap"),
+            list(indexes["pods_index"].get(key, [])),
+        )
+        try:
+            requeue = reconcile(models[0], children, api, _state["config"])
+        except (ApiException, OSError) as exc:
+            # Temporary (the API unreachable, a conflict): event handlers are not retried by Kopf, and no finalizer
+            # should hold a model for a timer, so retry here. A spec that cannot work is not an exception: it is
+            # reported in the status (permanent until the spec changes).
+            delay = min(RETRY_SECONDS * 2**attempt, MAX_RETRY_SECONDS)
+            log.warning("reconcile of %s/%s failed (%s); retrying in %d s", key[0], key[1], exc, delay)
+            _later(delay, key, indexes, attempt + 1)
+            return
     if requeue is not None:
         _later(requeue, key, indexes)
 
 
-def _later(delay: float, key: tuple[str, str], indexes: dict[str, kopf.Index], attempt: int = 0) -> None:
+def _later(delay: float, key: ModelKey, indexes: dict[str, kopf.Index], attempt: int = 0) -> None:
     """One pending timer per model: a newer request replaces the older one."""
     # In a copy of the handler's context: Kopf's event posting (kopf.info/warn) reads its settings from it.
     context = contextvars.copy_context()
@@ -167,8 +154,17 @@ def _later(delay: float, key: tuple[str, str], indexes: dict[str, kopf.Index], a
 
 @kopf.on.event(GROUP, VERSION, "neuronmodels")
 def model_changed(type: str, namespace: str, name: str, **kwargs: Any) -> None:
+    key = (namespace, model_label(name))
     if type != "DELETED":
-        _reconcile_key((namespace, model_label(name)), kwargs)
+        _reconcile_key(key, kwargs)
+        return
+    # Gone: nothing of it stays in memory (its children go with it, through their owner references).
+    timer = _timers.pop(key, None)
+    if timer is not None:
+        timer.cancel()
+    _locks.pop(key, None)
+    if "api" in _state:
+        _state["api"].own.forget(key)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=OWNED)

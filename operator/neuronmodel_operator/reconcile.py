@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import threading
-from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -26,30 +24,22 @@ from .builders import (
     serving_service,
 )
 from .config import OperatorConfig
-from .naming import GROUP, SPEC_HASH_ANNOTATION, job_name
+from .naming import GROUP, SPEC_HASH_ANNOTATION, job_name, model_label
+from .own_writes import OwnWrites, slim, without_none
 from .status import Observed, Retry, compute_status, job_outcome
 from .validation import SpecError, validate
 
 VERSION, PLURAL = "v1alpha1", "neuronmodels"
 USER_AGENT = "neuronmodel-operator"
 REWRITE_RETRY_SECONDS, MAX_REWRITE_RETRY_SECONDS = 30, 600
+# A status change that only moves counts (pods starting one by one) waits until this long after the last status
+# write, so a rollout of many pods costs a few writes, not one per pod event. Phase changes go out at once.
+COUNTS_INTERVAL_SECONDS = 5.0
 log = logging.getLogger("neuronmodel_operator")
-
-# Reconciles of one model are serialised: child events arrive on several watch streams at once.
-_locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
-_written: dict[str, dict[str, Any]] = {}  # uid -> the status this process last wrote
 
 
 def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def without_none(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: without_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [without_none(v) for v in value]
-    return value
 
 
 class Children:
@@ -73,8 +63,17 @@ class Api:
         self.apps = client.AppsV1Api(api_client)
         self.batch = client.BatchV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        self.own = OwnWrites()
+        self._serialize = api_client.sanitize_for_serialization
 
-    def create(self, obj: dict[str, Any]) -> None:
+    def _wrote(self, result: Any) -> dict[str, Any]:
+        """Remember the object as the API returned it, and hand it back as the reconcile reads objects."""
+        obj = slim(self._serialize(result))
+        self.own.wrote(obj)
+        return obj
+
+    def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """The created object, or None when it was already there."""
         ns, kind = obj["metadata"]["namespace"], obj["kind"]
         create: Callable[..., Any] = {
             "Job": self.batch.create_namespaced_job,
@@ -83,13 +82,15 @@ class Api:
             "ConfigMap": self.core.create_namespaced_config_map,
         }[kind]
         try:
-            create(ns, obj)
-            log.info("created %s %s/%s", kind, ns, obj["metadata"]["name"])
+            created = self._wrote(create(ns, obj))
         except ApiException as exc:
-            if exc.status != 409:  # already there: a restart, or our index had not seen our last create yet
+            if exc.status != 409:  # already there: a restart, or the watch lagged longer than OwnWrites waits
                 raise
+            return None
+        log.info("created %s %s/%s", kind, ns, obj["metadata"]["name"])
+        return created
 
-    def replace(self, obj: dict[str, Any], observed: dict[str, Any]) -> None:
+    def replace(self, obj: dict[str, Any], observed: dict[str, Any]) -> dict[str, Any]:
         """PUT the whole object: a field the spec no longer sets (a nodeSelector, say) must go, not linger."""
         ns, kind, name = obj["metadata"]["namespace"], obj["kind"], obj["metadata"]["name"]
         obj = copy.deepcopy(obj)
@@ -101,34 +102,44 @@ class Api:
             "Service": self.core.replace_namespaced_service,
             "ConfigMap": self.core.replace_namespaced_config_map,
         }[kind]
-        replace(name, ns, obj)
+        replaced = self._wrote(replace(name, ns, obj))
         log.info("updated %s %s/%s", kind, ns, name)
+        return replaced
 
-    def delete_job(self, namespace: str, name: str) -> None:
+    def scale_deployment(self, observed: dict[str, Any], replicas: int) -> dict[str, Any]:
+        meta = observed["metadata"]
+        patch = {"spec": {"replicas": replicas}}
+        scaled = self._wrote(self.apps.patch_namespaced_deployment(meta["name"], meta["namespace"], patch))
+        log.info("scaled Deployment %s/%s to %d", meta["namespace"], meta["name"], replicas)
+        return scaled
+
+    def delete_job(self, observed: dict[str, Any], why: str) -> None:
+        meta = observed["metadata"]
         try:
-            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
-            log.info("deleted superseded Job %s/%s", namespace, name)
+            self.batch.delete_namespaced_job(meta["name"], meta["namespace"], propagation_policy="Background")
+            log.info("deleted %s Job %s/%s", why, meta["namespace"], meta["name"])
         except ApiException as exc:
             if exc.status != 404:
                 raise
+        self.own.wrote(observed, deleted=True)
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
+        self.own.wrote_status((namespace, model_label(name)), status)
 
 
-def _label(obj: dict[str, Any], key: str) -> str | None:
-    return (obj["metadata"].get("labels") or {}).get(key)
-
-
-def _apply(api: Api, owner: kopf.Body | dict, desired: dict[str, Any], observed: dict[str, Any] | None) -> None:
-    """Create what is missing; patch what differs from what we last asked for (the spec-hash annotation)."""
+def _apply(
+    api: Api, owner: kopf.Body | dict, desired: dict[str, Any], observed: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Create what is missing; replace what differs from what we last asked for (the spec-hash annotation).
+    Returns the object as it now is, so the status written in the same reconcile already tells of it."""
     if observed is None:
         kopf.adopt(desired, owner=owner)  # owner reference: garbage collected with the model
-        api.create(desired)
-        return
+        return api.create(desired) or slim(desired)
     have = (observed["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
     if have != desired["metadata"]["annotations"][SPEC_HASH_ANNOTATION]:
-        api.replace(desired, observed)
+        return api.replace(desired, observed)
+    return observed
 
 
 def retry_delay(retries: int) -> float:
@@ -142,20 +153,27 @@ def _failed_at(job: dict[str, Any]) -> datetime:
     return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
 
 
+def _only_counts_moved(status: dict[str, Any], previous: dict[str, Any]) -> bool:
+    """Same phase, same conditions (type, status, reason), same fields: only pod counts and messages differ."""
+
+    def gist(value: dict[str, Any]) -> Any:
+        kept = {k: value.get(k) for k in status if k not in ("replicas", "readyReplicas", "conditions")}
+        conditions = [(c.get("type"), c.get("status"), c.get("reason")) for c in value.get("conditions") or []]
+        return without_none({**kept, "conditions": conditions})
+
+    return gist(status) == gist(previous)
+
+
 def reconcile(body: kopf.Body | dict, children: Children, api: Api, config: OperatorConfig) -> float | None:
-    """Returns in how many seconds to look again when nothing else will trigger it (a rewrite retry), or None."""
+    """Returns in how many seconds to look again when nothing else will trigger it (a rewrite retry, a status
+    write held back), or None. The caller serialises the reconciles of one model."""
     meta = body["metadata"]
     if meta.get("deletionTimestamp"):
         return None  # the garbage collector removes the children through their owner references
-    with _locks[(meta["namespace"], meta["name"])]:
-        return _reconcile(body, children, api, config)
-
-
-def _reconcile(body: kopf.Body | dict, children: Children, api: Api, config: OperatorConfig) -> float | None:
     model = Model.from_body(dict(body))
-    meta = body["metadata"]
+    key = (model.namespace, model_label(model.name))
     # Our own last write is newer than what the index may still show (the watch event of that write can lag).
-    previous = _written.get(meta.get("uid", "")) or dict(body.get("status") or {})
+    previous = api.own.status(key, dict(body.get("status") or {}))
     error: SpecError | None = None
     rewrite_id: str | None = None
     job = None
@@ -170,14 +188,14 @@ def _reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Ope
         last = previous.get("rewrite") or {}
         retry.count = int(last.get("retries") or 0) if last.get("id") == rewrite_id else 0
         if job is None:
-            _apply(api, body, rewrite_job(model, config), None)
+            job = _apply(api, body, rewrite_job(model, config), None)
         elif job_outcome(job) == "Failed":
             # The source may be repaired or uploaded in place: run the rewrite again after a growing back-off.
             due = _failed_at(job) + timedelta(seconds=retry_delay(retry.count))
             retry.wait = (due - datetime.now(timezone.utc)).total_seconds()
             retry.at = due.strftime("%Y-%m-%dT%H:%M:%SZ")
             if retry.wait <= 0:
-                api.delete_job(model.namespace, job["metadata"]["name"])  # recreated once its deletion is seen
+                api.delete_job(job, "failed")  # recreated by the next reconcile, under the same name
                 retry.count += 1
                 retry.wait = None
         served = children.deployment
@@ -186,17 +204,15 @@ def _reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Ope
             config_map = batching_config_map(model)
             if config_map is not None:  # before the Deployment whose pods mount it
                 _apply(api, body, config_map, children.config_map)
-            _apply(api, body, serving_deployment(model, config, rewrite_id), served)
+            children.deployment = _apply(api, body, serving_deployment(model, config, rewrite_id), served)
         elif served is not None and served["spec"].get("replicas") != model.spec.get("replicas", 1):
             # A new rewrite is running: the pods keep serving the old one, only the replica count follows the spec.
-            api.apps.patch_namespaced_deployment(
-                served["metadata"]["name"], model.namespace, {"spec": {"replicas": model.spec.get("replicas", 1)}}
-            )
+            children.deployment = api.scale_deployment(served, model.spec.get("replicas", 1))
         if served is not None or job_outcome(job) == "Complete":
-            _apply(api, body, serving_service(model), children.service)
+            children.service = _apply(api, body, serving_service(model), children.service)
         if served_id == rewrite_id and job_outcome(job) == "Complete":
             for name in children.jobs.keys() - {job_name(model.name, rewrite_id)}:
-                api.delete_job(model.namespace, name)  # superseded rewrites, once the new one serves
+                api.delete_job(children.jobs[name], "superseded")  # once the new rewrite serves
     job_pods = [
         p
         for p in children.pods
@@ -207,19 +223,28 @@ def _reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Ope
     ]
     observed = Observed(job, job_pods, children.deployment, serving_pods, children.service)
     status = compute_status(model, meta.get("generation", 1), rewrite_id, error, observed, previous, now(), retry)
-    if without_none(status) != without_none({k: previous.get(k) for k in status}):
-        api.patch_status(model.namespace, model.name, status)
-        _written[meta.get("uid", "")] = status
-        if status["phase"] != previous.get("phase"):
-            ready = status["conditions"][-1]
-            event = kopf.warn if status["phase"] in ("Failed", "Degraded") else kopf.info
-            event(body, reason=ready["reason"], message=f"{status['phase']}: {ready['message']}")
-            log.info(
-                "model %s/%s phase %s -> %s: %s",
-                model.namespace,
-                model.name,
-                previous.get("phase"),
-                status["phase"],
-                ready["message"],
-            )
+    if without_none(status) == without_none({k: previous.get(k) for k in status}):
+        return retry.wait
+    since = api.own.seconds_since_status(key)
+    if since is not None and since < COUNTS_INTERVAL_SECONDS and _only_counts_moved(status, previous):
+        hold = COUNTS_INTERVAL_SECONDS - since
+        return hold if retry.wait is None else min(hold, retry.wait)
+    api.patch_status(model.namespace, model.name, status)
+    if status["phase"] == previous.get("phase"):
+        return retry.wait
+    ready = status["conditions"][-1]
+    log.info(
+        "model %s/%s phase %s -> %s: %s",
+        model.namespace,
+        model.name,
+        previous.get("phase"),
+        status["phase"],
+        ready["message"],
+    )
+    # An Event for every step, bar a new model's first one into work: its creation is that step's own record.
+    warning = status["phase"] in ("Failed", "Degraded", "Pending")
+    if previous.get("phase") is not None or warning:
+        (kopf.warn if warning else kopf.info)(
+            body, reason=ready["reason"], message=f"{status['phase']}: {ready['message']}"
+        )
     return retry.wait

@@ -73,6 +73,13 @@ class Env:
                     },
                 },
             )
+            # Bound before a model uses it: tests then see a model's steps, not the claim binding (RewritePending).
+            wait_for(
+                lambda: (
+                    self.core.read_namespaced_persistent_volume_claim(claim, self.namespace).status.phase == "Bound"
+                ),
+                what=f"claim {claim} bound",
+            )
 
     def _spawn_operator(self, log: Path, *args: str) -> subprocess.Popen:
         env = dict(os.environ, KUBECONFIG=str(self.cluster.kubeconfig), NEURONMODEL_REWRITE_IMAGE="local/rewrite:test")

@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -47,6 +48,18 @@ def test_model_goes_ready_scales_changes_cores_and_cleans_up(env: Env, models: d
     assert resources.requests[NEURONCORE] == "2" and resources.limits[NEURONCORE] == "2"
     service = env.core.read_namespaced_service("resnet50", env.namespace)
     assert {p.name: p.port for p in service.spec.ports} == {"grpc": 8500, "http": 8501}
+
+    # An Event for each step after the first. Kopf posts them from a queue, so they may trail the status a little,
+    # and their times have a resolution of seconds, so they are compared sorted, not in order of time.
+    def steps() -> list[tuple[str, str, str]] | None:
+        events = env.core.list_namespaced_event(env.namespace, field_selector="involvedObject.name=resnet50").items
+        found = [(e.type, e.reason, e.message.split(":")[0]) for e in events if e.involved_object.kind == "NeuronModel"]
+        return sorted(found) if len(found) >= 2 else None
+
+    assert wait_for(steps, what="the model's Events") == [
+        ("Normal", "ModelServing", "Ready"),
+        ("Normal", "RollingOut", "Deploying"),
+    ]
 
     # Scaling through the scale subresource never re-runs the rewrite.
     env.cluster.cluster.kubectl("scale", "-n", env.namespace, "nm/resnet50", "--replicas=2")
@@ -114,10 +127,15 @@ def test_pods_that_cannot_schedule_report_the_schedulers_reason(env: Env, models
     env.hostpath_claim("compiled", models["resnet50"])
     # 64 NeuronCores per pod: the rewrite succeeds, but no simulated node has that many.
     assert env.apply(neuron_model("huge", "compiled", cores=64)).returncode == 0
-    env.wait_phase("huge", "Pending")
-    ready = env.condition("huge", "Ready")
-    assert ready["reason"] == "Unschedulable"
+
+    # On the way, the rewrite Job's pod may be Pending too, while the claim binds (RewritePending, as it should).
+    def unschedulable() -> dict[str, Any] | None:
+        ready = env.condition("huge", "Ready")
+        return ready if ready.get("reason") == "Unschedulable" else None
+
+    ready = wait_for(unschedulable, what="the serving pods reported unschedulable")
     assert "Insufficient aws.amazon.com/neuroncore" in ready["message"], ready
+    assert env.status("huge")["phase"] == "Pending"
 
 
 def test_instance_type_too_small_is_refused_before_any_pod(env: Env, models: dict[str, Path]) -> None:
