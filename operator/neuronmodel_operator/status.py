@@ -157,6 +157,13 @@ def compute_status(
         and available_replicas == desired
         and (dep_status.get("replicas") or 0) == desired
     )
+    # The same spec and rewrite were already served in full: pods missing now are a loss, not a rollout.
+    was_serving = (
+        previous.get("phase") in ("Ready", "Degraded")
+        and previous.get("observedGeneration") == generation
+        and deployment is not None
+        and served_id == rewrite_id
+    )
     problem = _pod_problem(observed.serving_pods)
     progress_failed = any(
         c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded"
@@ -189,6 +196,15 @@ def compute_status(
     elif progress_failed:
         ready = _condition(READY, False, "ProgressDeadlineExceeded", "the serving Deployment made no progress in time")
         phase = "Degraded" if available["status"] == "True" else "Failed"
+    elif was_serving and available["status"] == "True":
+        # Pods of the current rollout were lost (a node went away, a server stopped answering) and are replaced.
+        ready = _condition(
+            READY,
+            False,
+            "ReplicasUnavailable",
+            f"{available_replicas} of {desired} pod(s) available; the Deployment is replacing the others",
+        )
+        phase = "Degraded"
     else:
         ready = _condition(
             READY,

@@ -205,9 +205,9 @@ def test_a_node_deleted_under_serving_pods(env: Env, models: dict[str, Path]) ->
                      timeout=180, what="the pod garbage collector to remove the orphaned pod")  # fmt: skip
             gone = time.monotonic() - deleted
             assert_converged(env, "survivor")
-            # The status showed the lost replica (not Ready, one pod ready, still available), then Ready again.
+            # The status showed the lost replica (Degraded, one pod ready, still available), then Ready again.
             lost = recorder.wait(
-                lambda s: s.get("phase") != "Ready" and s.get("readyReplicas") == 1 and available(s), 30, "the loss"
+                lambda s: s.get("phase") == "Degraded" and s.get("readyReplicas") == 1 and available(s), 30, "the loss"
             )
             recorder.wait(lambda s: s.get("phase") == "Ready" and s.get("readyReplicas") == 2, 30, "Ready", lost + 1)
         finally:

@@ -289,6 +289,25 @@ def test_available_during_a_new_rollout_is_deploying() -> None:
     assert "2 of 2" in ready["message"]
 
 
+def test_pods_lost_after_ready_are_degraded_until_replaced() -> None:
+    model = make_model(replicas=2)
+    served = {"phase": "Ready", "observedGeneration": 1}
+    # A node went away with one pod: the Deployment's replacement is not ready yet, the other pod still serves.
+    dep = deployment_body(model.rewrite_id(CONFIG), desired=2, replicas=2, ready=1, updated=2, available=1)
+    status = status_of(model, Observed(job=complete_job(model), deployment=dep), previous=served)
+    assert status["phase"] == "Degraded"
+    ready = conditions(status)["Ready"]
+    assert ready["reason"] == "ReplicasUnavailable" and "1 of 2 pod(s) available" in ready["message"]
+    # The same Deployment on its way up the first time, or after a spec change (scaling up), is a rollout.
+    for previous in ({"phase": "Deploying", "observedGeneration": 1}, {"phase": "Ready", "observedGeneration": 0}):
+        status = status_of(model, Observed(job=complete_job(model), deployment=dep), previous=previous)
+        assert status["phase"] == "Deploying", previous
+    # With no pod left, it is not degraded but down: back to a rollout from nothing.
+    none_left = deployment_body(model.rewrite_id(CONFIG), desired=2, replicas=2, ready=0, updated=2, available=0)
+    status = status_of(model, Observed(job=complete_job(model), deployment=none_left), previous=served)
+    assert status["phase"] == "Deploying"
+
+
 def test_progress_deadline_exceeded() -> None:
     model = make_model()
     stalled = [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]
