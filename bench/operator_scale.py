@@ -397,6 +397,7 @@ class Phase:
         self.apps, self.core = client.AppsV1Api(api), client.CoreV1Api(api)
         self.batch, self.custom = client.BatchV1Api(api), client.CustomObjectsApi(api)
         self.jobs: ReadyWatch | None = None
+        self.ready_watch: ReadyWatch | None = None  # what Ready means in this phase, set by prepare()
         self.measured_pid: int | None = None  # the Kopf process whose memory and CPU are measured
         self.prepare()
 
@@ -435,11 +436,13 @@ class Phase:
 
     def wait(self, timeout: float) -> tuple[bool, dict[str, float]]:
         """Whether all got Ready in time, and when each did."""
-        raise NotImplementedError
+        assert self.ready_watch is not None, "prepare() sets what Ready means"
+        return self.ready_watch.wait(set(self.names), timeout), dict(self.ready_watch.ready)
 
     def stop(self) -> None:
-        if self.jobs is not None:
-            self.jobs.stopping.set()
+        for watch in (self.jobs, self.ready_watch):
+            if watch is not None:
+                watch.stopping.set()
         self.env.stop_operator()
 
     def serving(self, model: Any) -> dict[str, Any]:
@@ -452,17 +455,10 @@ class BareDeployments(Phase):
     def prepare(self) -> None:
         for model in self.models.values():  # what the rewrite Job would have written
             shutil.copytree(self.run.rewritten, self.store / model.rewrite_path(model.rewrite_id(self.config)) / "1")
-        self.deployments = ReadyWatch(self.host, ("apps", "v1", "deployments"), deployment_available)
+        self.ready_watch = ReadyWatch(self.host, ("apps", "v1", "deployments"), deployment_available)
 
     def create(self, name: str) -> None:
         self.apps.create_namespaced_deployment(NAMESPACE, self.serving(self.models[name]))
-
-    def wait(self, timeout: float) -> tuple[bool, dict[str, float]]:
-        return self.deployments.wait(set(self.names), timeout), dict(self.deployments.ready)
-
-    def stop(self) -> None:
-        self.deployments.stopping.set()
-        super().stop()
 
 
 class Pipeline(BareDeployments):
@@ -473,7 +469,7 @@ class Pipeline(BareDeployments):
         self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(CREATE_THREADS)
         self.jobs = ReadyWatch(self.host, ("batch", "v1", "jobs"), job_complete, on_event=self._job_event)
-        self.deployments = ReadyWatch(self.host, ("apps", "v1", "deployments"), deployment_available)
+        self.ready_watch = ReadyWatch(self.host, ("apps", "v1", "deployments"), deployment_available)
 
     def _job_event(self, job: dict[str, Any]) -> None:
         name = model_of(job["metadata"]["name"])
@@ -509,17 +505,10 @@ class Operator(Phase):
         self.wait_watching()
         self.jobs = ReadyWatch(self.host, ("batch", "v1", "jobs"), job_complete)  # for the rewrite's share only
         helpers = self.run.helpers
-        self.models_watch = ReadyWatch(self.host, (helpers.GROUP, helpers.VERSION, helpers.PLURAL), model_ready)
+        self.ready_watch = ReadyWatch(self.host, (helpers.GROUP, helpers.VERSION, helpers.PLURAL), model_ready)
 
     def create(self, name: str) -> None:
         self.create_model(name)
-
-    def wait(self, timeout: float) -> tuple[bool, dict[str, float]]:
-        return self.models_watch.wait(set(self.names), timeout), dict(self.models_watch.ready)
-
-    def stop(self) -> None:
-        self.models_watch.stopping.set()
-        super().stop()
 
 
 class MinimalKopf(Pipeline):

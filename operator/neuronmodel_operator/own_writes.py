@@ -86,10 +86,10 @@ class OwnWrites:
         self._lock = threading.Lock()
 
     def wrote(self, obj: dict[str, Any], deleted: bool = False) -> None:
-        """Record a child as the API returned it from a create or update (or, deleted, as we last saw it)."""
+        """Record a child, slimmed, as the API returned it from a create or update (or, deleted, as last seen)."""
         with self._lock:
             writes = self._children.setdefault(model_key(obj), {})
-            writes[(obj["kind"], obj["metadata"]["name"])] = _Write(self.clock(), slim(obj), deleted)
+            writes[(obj["kind"], obj["metadata"]["name"])] = _Write(self.clock(), obj, deleted)
 
     def children(self, key: ModelKey, kind: str, indexed: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The children of one kind as the index shows them, corrected by our writes it does not show yet."""
