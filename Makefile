@@ -9,10 +9,12 @@ $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	# The test harness (operator/localcluster, neuron_modelgen, tfserving_standin) is not in the wheel: a path entry.
+	$(VENV)/bin/python -c 'import site, pathlib; pathlib.Path(site.getsitepackages()[0], "neuronmodel-harness.pth").write_text(str(pathlib.Path("operator").resolve()) + "\n")'
 	touch $(STAMP)
 
 control-plane:
-	bash operator/localcluster/build-control-plane.sh
+	bash operator/localcluster/build-kubernetes.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

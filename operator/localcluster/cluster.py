@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BUILD_SCRIPT = HERE / "build-control-plane.sh"
+BUILD_SCRIPT = HERE / "build-kubernetes.sh"
 SERVICE_CIDR = "10.96.0.0/16"  # addresses on paper only: nothing here sends traffic to them
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
@@ -32,11 +32,20 @@ class ClusterError(RuntimeError):
     """The control plane could not be found, started or reached; the message says why and what to run."""
 
 
+KUBELET_CLIENT_CA = "kubelet-client-ca.crt"  # in the cluster's pki/: what a real kubelet trusts
 BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
 
 
+def cache_dir() -> Path:
+    """The project's cache outside the work tree (build-kubernetes.sh uses the same)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "neuron-model-operator"
+    path = Path(os.environ.get("NEURON_OPERATOR_CACHE") or default)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def binaries_dir() -> Path:
-    """Where build-control-plane.sh caches the binaries for the current recipe and patch."""
+    """Where build-kubernetes.sh caches the binaries for the current recipe and patch."""
     out = subprocess.run(["bash", str(BUILD_SCRIPT), "--print-bin-dir"], capture_output=True, text=True, check=True)
     return Path(out.stdout.strip())
 
@@ -48,10 +57,18 @@ def free_port() -> int:
 
 
 @dataclass
-class _Process:
+class ManagedProcess:
     name: str
     popen: subprocess.Popen
     log: Path
+
+
+def spawn(name: str, argv: list[str], logdir: Path) -> ManagedProcess:
+    """Start ``argv`` in its own process group (so it can be stopped whole), logging to ``logdir/<name>.log``."""
+    log = logdir / f"{name}.log"
+    with log.open("ab") as out:
+        popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return ManagedProcess(name, popen, log)
 
 
 @dataclass
@@ -62,13 +79,23 @@ class LocalCluster:
     keep_workdir: bool = False
     api_port: int = 0
     token: str = field(default_factory=lambda: secrets.token_hex(16))
-    processes: list[_Process] = field(default_factory=list)
+    # More users of the token file, as {user: group}: a real node's kubelet and kube-proxy.
+    users: dict[str, str] = field(default_factory=dict)
+    tokens: dict[str, str] = field(default_factory=dict)  # user -> token, filled at start
+    # Where pods reach the apiserver (``kubernetes.default``): a real node's bridge. Loopback only when unset.
+    advertise_address: str | None = None
+    processes: list[ManagedProcess] = field(default_factory=list)
     bin_dir: Path = field(default_factory=binaries_dir)
 
     @property
     def kubeconfig(self) -> Path:
         assert self.workdir is not None
         return self.workdir / "kubeconfig"
+
+    @property
+    def pki(self) -> Path:
+        assert self.workdir is not None
+        return self.workdir / "pki"
 
     @property
     def server(self) -> str:
@@ -101,11 +128,20 @@ class LocalCluster:
     def _start(self, bin_dir: Path, deadline: float) -> None:
         work = self.workdir
         assert work is not None
-        pki = work / "pki"
+        pki = self.pki
         pki.mkdir(exist_ok=True)
         _openssl("genrsa", "-out", str(pki / "sa.key"), "2048")
         _openssl("rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
-        (work / "tokens.csv").write_text(f'{self.token},admin,admin,"system:masters"\n')
+        self.tokens = {"admin": self.token, **{user: secrets.token_hex(16) for user in self.users}}
+        groups = {"admin": "system:masters", **self.users}
+        (work / "tokens.csv").write_text(
+            "".join(f"{t},{u},{u}" + (f',"{groups[u]}"' if groups[u] else "") + "\n" for u, t in self.tokens.items())
+        )
+        # Pods on a real node reach the advertised address through the kubernetes Service: listen beyond loopback.
+        bind = ["--bind-address=127.0.0.1"]
+        if self.advertise_address is not None:
+            bind = ["--bind-address=0.0.0.0", f"--advertise-address={self.advertise_address}",
+                    *_kubelet_client_certificate(pki), "--kubelet-preferred-address-types=InternalIP"]  # fmt: skip
         etcd_port, etcd_peer = free_port(), free_port()
         self.api_port = free_port()
         self._spawn(
@@ -120,7 +156,7 @@ class LocalCluster:
         self._spawn(
             "kube-apiserver",
             [str(bin_dir / "kube-apiserver"), f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-             "--bind-address=127.0.0.1", f"--secure-port={self.api_port}", "--insecure-port=0",
+             *bind, f"--secure-port={self.api_port}", "--insecure-port=0",
              f"--cert-dir={pki}", f"--token-auth-file={work / 'tokens.csv'}", "--authorization-mode=RBAC",
              f"--service-account-key-file={pki / 'sa.pub'}", f"--service-account-signing-key-file={pki / 'sa.key'}",
              "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
@@ -142,10 +178,7 @@ class LocalCluster:
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         assert self.workdir is not None
-        log = self.workdir / f"{name}.log"
-        with log.open("ab") as out:
-            popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.processes.append(_Process(name, popen, log))
+        self.processes.append(spawn(name, argv, self.workdir))
 
     def _check_alive(self) -> None:
         for proc in self.processes:
@@ -213,7 +246,7 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Stop every process group (TERM, then KILL), newest first, and remove the work directory."""
-        _terminate_groups([p.popen for p in self.processes])
+        terminate_groups([p.popen for p in self.processes])
         self.processes.clear()
         if self.workdir is not None and not self.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -222,12 +255,12 @@ class LocalCluster:
     def restart(self, name: str) -> None:
         """Kill one component and start it again with the same command line (for fault tests)."""
         proc = next(p for p in self.processes if p.name == name)
-        _terminate_groups([proc.popen])
+        terminate_groups([proc.popen])
         self.processes.remove(proc)
         self._spawn(name, list(proc.popen.args))
 
 
-def _terminate_groups(popens: list[subprocess.Popen], grace: float = 5) -> None:
+def terminate_groups(popens: list[subprocess.Popen], grace: float = 5) -> None:
     """TERM every process group at once, KILL whatever is left after ``grace`` seconds."""
     for popen in popens:
         if popen.poll() is None:
@@ -245,6 +278,18 @@ def _terminate_groups(popens: list[subprocess.Popen], grace: float = 5) -> None:
 
 def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def _kubelet_client_certificate(pki: Path) -> list[str]:
+    """The apiserver's client certificate for kubelets (logs, exec), from a CA the real node's kubelet trusts."""
+    ca, ca_key = str(pki / KUBELET_CLIENT_CA), str(pki / "kubelet-client-ca.key")
+    cert, key, csr = (str(pki / f"kubelet-client.{ext}") for ext in ("crt", "key", "csr"))
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "7",
+             "-subj", "/CN=localcluster-kubelet-client-ca", "-keyout", ca_key, "-out", ca)  # fmt: skip
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/O=system:masters/CN=kube-apiserver-kubelet-client",
+             "-keyout", key, "-out", csr)  # fmt: skip
+    _openssl("x509", "-req", "-days", "7", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert)
+    return [f"--kubelet-client-certificate={cert}", f"--kubelet-client-key={key}"]
 
 
 def _audit_policy(work: Path) -> Path:

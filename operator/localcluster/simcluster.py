@@ -11,6 +11,7 @@ from kubernetes import client, config
 from .agent import NodeAgent, now
 from .cluster import LocalCluster
 from .nodes import SIMULATED_LABEL, node_manifest, node_names, node_status
+from .realnode import GATEWAY, NODE_USER, PROXY_USER, RealNode
 
 # Enough variety for the operator's tests: 2-core inf2/trn1, a 12-core inf2.24xlarge, 32-core trn1.32xlarge.
 DEFAULT_NODES = {"inf2.xlarge": 2, "inf2.24xlarge": 1, "trn1.2xlarge": 1, "trn1.32xlarge": 2}
@@ -23,12 +24,21 @@ class SimulatedCluster:
     nodes: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_NODES))
     taints: list[dict[str, str]] | None = None  # e.g. [NEURON_TAINT], as Neuron node groups are often tainted
     workdir: Path | None = None
+    # One real kubelet node beside the simulated ones, with these images imported: [(docker-archive, [refs])].
+    real_node_images: list[tuple[Path, list[str]]] | None = None
     cluster: LocalCluster = field(init=False)
     agent: NodeAgent | None = field(init=False, default=None)
     api: client.ApiClient | None = field(init=False, default=None)
+    real_node: RealNode | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.cluster = LocalCluster(workdir=self.workdir)
+        if self.real_node_images is None:
+            self.cluster = LocalCluster(workdir=self.workdir)
+        else:
+            self.cluster = LocalCluster(
+                workdir=self.workdir, users={NODE_USER: "system:nodes", PROXY_USER: ""}, advertise_address=GATEWAY
+            )
+            self.real_node = RealNode(self.cluster, images=self.real_node_images)
 
     def __enter__(self) -> SimulatedCluster:
         self.start()
@@ -42,13 +52,17 @@ class SimulatedCluster:
         return self.cluster.kubeconfig
 
     def start(self) -> None:
-        self.cluster.start()
         try:
+            if self.real_node is not None:
+                self.real_node.prepare()
+            self.cluster.start()
             self.api = config.new_client_from_config(str(self.kubeconfig))
             self.add_nodes(self.nodes, taints=self.taints)
             assert self.cluster.workdir is not None
             self.agent = NodeAgent(self.kubeconfig, self.cluster.workdir / "agent", self.cluster.api_port)
             self.agent.start()
+            if self.real_node is not None:
+                self.real_node.start()
         except BaseException:
             self.stop()
             raise
@@ -103,6 +117,8 @@ class SimulatedCluster:
         return name
 
     def stop(self) -> None:
+        if self.real_node is not None:
+            self.real_node.stop()
         if self.agent is not None:
             self.agent.stop()
             self.agent = None

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from s3 import moto_server, upload_tree
 
-from model_fetch.cli import main
+from neuronmodel_fetch.cli import main
 
 
 @pytest.fixture
