@@ -11,7 +11,10 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY operator ./operator
+# The packages the wheel holds (pyproject.toml's include list), not the test harness beside them in operator/.
+COPY operator/neuron_rewrite ./operator/neuron_rewrite
+COPY operator/neuronmodel_operator ./operator/neuronmodel_operator
+COPY operator/neuronmodel_fetch ./operator/neuronmodel_fetch
 RUN pip install ".[fetch]" && rm -rf /src
 
 WORKDIR /
