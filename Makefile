@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint control-plane bench
+.PHONY: demo test lint kubernetes bench
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -13,17 +13,17 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -c 'import site, pathlib; pathlib.Path(site.getsitepackages()[0], "neuronmodel-harness.pth").write_text(str(pathlib.Path("operator").resolve()) + "\n")'
 	touch $(STAMP)
 
-control-plane:
+kubernetes:
 	bash operator/localcluster/build-kubernetes.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: $(STAMP) control-plane lint
+test: $(STAMP) kubernetes lint
 	$(VENV)/bin/pytest
 
-demo: $(STAMP) control-plane
+demo: $(STAMP) kubernetes
 	$(VENV)/bin/python -m localcluster.demo
 
 bench: $(STAMP)

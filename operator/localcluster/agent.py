@@ -270,7 +270,7 @@ class PodRunner(threading.Thread):
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
             "HOME": str(self.dir),
             "HOSTNAME": self.pod.metadata.name,
-            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_HOST": self.agent.api_host,
             "KUBERNETES_SERVICE_PORT": str(self.agent.api_port),
         }
         fields = {
@@ -450,10 +450,11 @@ def _requested_cores(container: Any) -> int | None:
 class NodeAgent:
     """Watches pods bound to simulated nodes and runs them. ``start()`` runs it in a background thread."""
 
-    def __init__(self, kubeconfig: Path, workdir: Path, api_port: int) -> None:
+    def __init__(self, kubeconfig: Path, workdir: Path, api_port: int, api_host: str = "127.0.0.1") -> None:
         self.api_client = config.new_client_from_config(str(kubeconfig))
         self.workdir = workdir
         self.api_port = api_port
+        self.api_host = api_host  # the address the apiserver's serving certificate names
         self.host_ip = "10.0.0.1"
         self.aws_env: dict[str, str] = {}  # e.g. AWS_ENDPOINT_URL_STS/S3 of a local S3 server, for IRSA pods
         self.runners: dict[str, PodRunner] = {}

@@ -112,9 +112,9 @@ class LocalCluster:
         bin_dir = self.bin_dir
         missing = [b for b in BINARIES if not (bin_dir / b).exists()]
         if missing:
-            raise ClusterError(f"{', '.join(missing)} not built in {bin_dir}: run `make control-plane` (as root)")
+            raise ClusterError(f"{', '.join(missing)} not built in {bin_dir}: run `make kubernetes` (as root)")
         if not Path(ETCD).exists():
-            raise ClusterError("etcd not installed: run `make control-plane` (as root)")
+            raise ClusterError("etcd not installed: run `make kubernetes` (as root)")
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="localcluster-"))
         self.workdir.mkdir(parents=True, exist_ok=True)

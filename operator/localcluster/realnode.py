@@ -44,6 +44,7 @@ from .cluster import (
     terminate_groups,
 )
 from .hostsettings import HostSnapshot
+from .images import Image, import_images
 from .nodes import INSTANCE_TYPE_LABEL, INSTANCE_TYPES, NEURONCORE
 
 log = logging.getLogger("localcluster.realnode")
@@ -56,6 +57,17 @@ PAUSE_IMAGE = "localhost/pause:v1.20.2-local"
 KUBELET_PORT = 10250
 NETNS_DIR = Path("/var/run/netns")
 NODE_USER, PROXY_USER = f"system:node:{NODE_NAME}", "system:kube-proxy"
+
+
+def example_on_real_node(text: str) -> dict:
+    """An example NeuronModel placed on the real node's instance type, with a CPU request this 2-core machine can
+    grant; everything else (image, claims, cores, tolerations) as the example has it."""
+    import yaml
+
+    example = yaml.safe_load(text)
+    example["spec"]["nodeSelector"] = {INSTANCE_TYPE_LABEL: INSTANCE_TYPE}
+    example["spec"].setdefault("serving", {})["resources"] = {"requests": {"cpu": "100m", "memory": "512Mi"}}
+    return example
 
 
 class RealNodeError(ClusterError):
@@ -184,7 +196,8 @@ class RealNode:
     """Use ``prepare()`` before the control plane starts (the bridge the apiserver advertises), then ``start()``."""
 
     cluster: LocalCluster
-    images: list[tuple[Path, list[str]]] = field(default_factory=list)  # (docker-archive, refs to tag it as)
+    images: list[Image] = field(default_factory=list)
+    aliases: dict[str, list[str]] = field(default_factory=dict)  # more refs for an image: {ref: [other refs]}
     name: str = NODE_NAME
     instance_type: str = INSTANCE_TYPE
     processes: list[ManagedProcess] = field(default_factory=list)
@@ -212,7 +225,7 @@ class RealNode:
         missing += [t for t in ("containerd", "runc", "ctr", "iptables", "ip") if shutil.which(t) is None]
         missing += [p for p in ("/usr/lib/cni/bridge", "/usr/lib/cni/host-local") if not Path(p).exists()]
         if missing:
-            raise RealNodeError(f"missing for the real node: {', '.join(missing)}: run `make control-plane` as root")
+            raise RealNodeError(f"missing for the real node: {', '.join(missing)}: run `make kubernetes` as root")
         if Path("/var/lib/kubelet/device-plugins/kubelet.sock").exists() and _kubelet_running():
             raise RealNodeError("another kubelet runs on this machine: only one real node per machine")
         self.snapshot = HostSnapshot.take()
@@ -233,8 +246,8 @@ class RealNode:
         self._spawn("containerd", ["containerd", f"--config={self.work / 'containerd.toml'}"])
         self._wait(lambda: self._ctr("version", check=False).returncode == 0, deadline, "containerd")
         self._forget_old_containers()
-        archives = [(pause_archive(self.cluster.bin_dir / "pause", cache_dir() / "pause.tar"), [PAUSE_IMAGE])]
-        self._import([*archives, *self.images])
+        pause = Image("pause", PAUSE_IMAGE, pause_archive(self.cluster.bin_dir / "pause", cache_dir() / "pause.tar"))
+        import_images([pause, *self.images], str(self.socket), aliases=self.aliases)
         self._authorize()
         config = self._write("kubelet.json", kubelet_config(self.cluster.pki / KUBELET_CLIENT_CA))
         self._spawn(
@@ -255,8 +268,9 @@ class RealNode:
         )  # fmt: skip
         self._spawn("deviceplugin", [sys.executable, "-m", "localcluster.deviceplugin", "--cores", str(self.cores)])
         self._wait(self._ready, deadline, f"node {self.name} Ready with {self.cores} {NEURONCORE}")
-        # Admission taints a new node not-ready; no node lifecycle controller runs here to lift it.
-        client.CoreV1Api(self._api()).patch_node(self.name, {"spec": {"taints": []}})
+        # Admission taints a new node not-ready; no node lifecycle controller runs here to lift it. Cordoned: only
+        # the tests and the demo that ask for it (``place_on_real_node``) put pods here.
+        client.CoreV1Api(self._api()).patch_node(self.name, {"spec": {"taints": [], "unschedulable": True}})
 
     def _api(self) -> client.ApiClient:
         from kubernetes import config
@@ -316,19 +330,9 @@ class RealNode:
         if old:
             self._ctr("containers", "delete", *old, check=False)
 
-    def _import(self, archives: list[tuple[Path, list[str]]]) -> None:
-        present = set(self._ctr("images", "list", "-q").stdout.split())
-        for archive, refs in archives:
-            if all(ref in present for ref in refs):
-                continue
-            start = time.monotonic()
-            out = self._ctr("images", "import", "--no-unpack=false", str(archive)).stdout
-            imported = [line.split()[1] for line in out.splitlines() if line.startswith("unpacking ")]
-            source = imported[0] if imported else refs[0]
-            for ref in refs:
-                if ref != source:
-                    self._ctr("images", "tag", "--force", source, ref)
-            log.info("imported %s as %s in %.1f s", archive.name, ", ".join(refs), time.monotonic() - start)
+    def kill_container(self, container_id: str) -> None:
+        """SIGKILL a container's process, as an OOM kill or a crash would end it (the kubelet restarts it)."""
+        self._ctr("tasks", "kill", "--signal", "SIGKILL", container_id)
 
     def stop(self) -> None:
         """Kill every container, stop the node's processes, then undo each host change."""

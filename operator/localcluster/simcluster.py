@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from kubernetes import client, config
 
+from . import images
 from .agent import NodeAgent, now
 from .cluster import LocalCluster
 from .nodes import SIMULATED_LABEL, node_manifest, node_names, node_status
 from .realnode import GATEWAY, NODE_USER, PROXY_USER, RealNode
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
 # Enough variety for the operator's tests: 2-core inf2/trn1, a 12-core inf2.24xlarge, 32-core trn1.32xlarge.
 DEFAULT_NODES = {"inf2.xlarge": 2, "inf2.24xlarge": 1, "trn1.2xlarge": 1, "trn1.32xlarge": 2}
+
+
+def example_serving_images() -> list[str]:
+    """The TF Serving images the examples name: the stand-in is imported under each, so they pull nothing."""
+    refs = set()
+    for path in EXAMPLES.glob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "NeuronModel":
+                refs.add((doc["spec"].get("serving") or {}).get("image"))
+    return sorted(r for r in refs if r)
 
 
 @dataclass
@@ -24,8 +40,8 @@ class SimulatedCluster:
     nodes: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_NODES))
     taints: list[dict[str, str]] | None = None  # e.g. [NEURON_TAINT], as Neuron node groups are often tainted
     workdir: Path | None = None
-    # One real kubelet node beside the simulated ones, with these images imported: [(docker-archive, [refs])].
-    real_node_images: list[tuple[Path, list[str]]] | None = None
+    # One real kubelet node beside the simulated ones, with these images imported (``images.ensure_images()``).
+    real_node_images: dict[str, images.Image] | None = None
     cluster: LocalCluster = field(init=False)
     agent: NodeAgent | None = field(init=False, default=None)
     api: client.ApiClient | None = field(init=False, default=None)
@@ -38,7 +54,11 @@ class SimulatedCluster:
             self.cluster = LocalCluster(
                 workdir=self.workdir, users={NODE_USER: "system:nodes", PROXY_USER: ""}, advertise_address=GATEWAY
             )
-            self.real_node = RealNode(self.cluster, images=self.real_node_images)
+            # The examples name real TF Serving images: the stand-in is imported under those names too.
+            standin = self.real_node_images[images.STANDIN].ref
+            self.real_node = RealNode(
+                self.cluster, list(self.real_node_images.values()), aliases={standin: example_serving_images()}
+            )
 
     def __enter__(self) -> SimulatedCluster:
         self.start()
@@ -59,7 +79,12 @@ class SimulatedCluster:
             self.api = config.new_client_from_config(str(self.kubeconfig))
             self.add_nodes(self.nodes, taints=self.taints)
             assert self.cluster.workdir is not None
-            self.agent = NodeAgent(self.kubeconfig, self.cluster.workdir / "agent", self.cluster.api_port)
+            self.agent = NodeAgent(
+                self.kubeconfig,
+                self.cluster.workdir / "agent",
+                self.cluster.api_port,
+                self.cluster.advertise_address or "127.0.0.1",
+            )
             self.agent.start()
             if self.real_node is not None:
                 self.real_node.start()
@@ -84,6 +109,26 @@ class SimulatedCluster:
             core.patch_node(name, {"spec": {"taints": taints or []}})
             names.append(name)
         return names
+
+    @contextlib.contextmanager
+    def place_on_real_node(self) -> Iterator[str]:
+        """While inside, new pods can only schedule onto the real node: the simulated nodes are cordoned."""
+        if self.real_node is None:
+            raise RuntimeError("this cluster has no real node: start it with real_node_images")
+        core = client.CoreV1Api(self.api)
+        simulated = [n.metadata.name for n in core.list_node(label_selector=f"{SIMULATED_LABEL}=true").items]
+
+        def cordon(names: list[str], unschedulable: bool) -> None:
+            for name in names:
+                core.patch_node(name, {"spec": {"unschedulable": unschedulable}})
+
+        cordon(simulated, True)
+        cordon([self.real_node.name], False)
+        try:
+            yield self.real_node.name
+        finally:
+            cordon([self.real_node.name], True)
+            cordon(simulated, False)
 
     def create_namespace(self, name: str, timeout: float = 30) -> str:
         """A namespace whose default service account has its token, so pods can be created right away."""

@@ -124,13 +124,15 @@ def atomic_directory(target: Path, force: bool) -> Iterator[Path]:
     existing target is swapped out atomically and then deleted.
     """
     parent = target.parent
-    if not parent.is_dir():
-        raise OutputError(f"{target}: parent directory {parent} does not exist")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)  # as AWS's tool does (TensorFlow's save creates them)
+    except OSError as exc:
+        raise RewriteError(f"{target}: cannot create the directory {exc.filename} ({exc.strerror})") from None
     staging = parent / f".{target.name}.tmp-{os.urandom(4).hex()}"
     try:
         staging.mkdir()
     except OSError as exc:
-        raise OutputError(f"{target}: cannot create the output beside it ({exc.strerror})") from None
+        raise RewriteError(f"{target}: cannot create the output beside it ({exc.strerror})") from None
     try:
         yield staging
         _publish(staging, target, force)

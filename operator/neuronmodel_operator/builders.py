@@ -30,6 +30,7 @@ CONTAINER_SECURITY = {
 DEFAULT_STRATEGY = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
 SOURCE_DIR, STORE_DIR, MODELS_DIR = "/source", "/store", "/models"
 BATCHING_FILE = "/etc/tfserving/batching.config"
+DRAIN_SECONDS = 5  # how long a stopping serving pod keeps answering (preStop), well inside the 30 s grace period
 
 
 @dataclass(frozen=True)
@@ -141,13 +142,15 @@ def rewrite_job(model: Model, config: OperatorConfig) -> dict[str, Any]:
             "--num_cores",
             str(model.cores),
             "--new_model_dir",
-            f"{STORE_DIR}/{model.version}",
+            f"{STORE_DIR}/{model.rewrite_path(rewrite_id)}/{model.version}",
             "--force",  # a retried Job replaces what an interrupted attempt published
             "--fsync",
         ],
         "volumeMounts": [
             {"name": "source", "mountPath": SOURCE_DIR, "readOnly": True},
-            {"name": "store", "mountPath": STORE_DIR, "subPath": model.rewrite_path(rewrite_id)},
+            # The whole claim: the kubelet creates a missing subPath directory as root, which the Job (non-root)
+            # could not write into on a hostPath, NFS or static EFS volume. The rewrite creates the directories.
+            {"name": "store", "mountPath": STORE_DIR},
         ],
         "securityContext": CONTAINER_SECURITY,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -264,6 +267,10 @@ def serving_deployment(model: Model, config: OperatorConfig, rewrite_id: str) ->
             "failureThreshold": max(1, startup_timeout // 10),
         },
         "livenessProbe": {"tcpSocket": {"port": "grpc"}, "periodSeconds": 10, "failureThreshold": 6},
+        # A terminating pod leaves the Service's endpoints, and then kube-proxy's rules, a moment after it is told to
+        # stop; TF Serving exits at SIGTERM, so requests routed in that moment would fail. The kubelet runs this
+        # before the SIGTERM.
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(DRAIN_SECONDS)]}}},
         "volumeMounts": mounts,
         "securityContext": CONTAINER_SECURITY,
     }

@@ -74,14 +74,13 @@ def test_rewrite_job_for_a_pvc_source() -> None:
         "--num_cores",
         "4",
         "--new_model_dir",
-        "/store/3",
+        f"/store/{NAMESPACE}/resnet50/{rewrite_id}/3",
     ]
+    assert model.rewrite_path(rewrite_id) == f"{NAMESPACE}/resnet50/{rewrite_id}"
     assert rewrite["terminationMessagePolicy"] == "FallbackToLogsOnError"
 
-    store = mount(job, "rewrite", "store")
-    assert store["mountPath"] == "/store"
-    assert store["subPath"] == model.rewrite_path(rewrite_id) == f"{NAMESPACE}/resnet50/{rewrite_id}"
-    assert "readOnly" not in store or store["readOnly"] is False
+    # The whole claim, no subPath: a directory the kubelet makes for a subPath is root's, and the Job is not root.
+    assert mount(job, "rewrite", "store") == {"name": "store", "mountPath": "/store"}
 
     # Job, and its pods, carry the rewrite id: the reconcile finds them by it.
     assert job["metadata"]["labels"]["serving.neuron.dev/rewrite"] == rewrite_id
@@ -260,6 +259,11 @@ def test_deployment_probes() -> None:
     assert server["startupProbe"]["periodSeconds"] == 10
     assert server["startupProbe"]["failureThreshold"] == 60
     assert {p["name"]: p["containerPort"] for p in server["ports"]} == {"grpc": 8500, "http": 8501}
+
+
+def test_a_stopping_serving_pod_keeps_answering_until_kube_proxy_has_dropped_it() -> None:
+    server = container(deployment(make_model()), "tfserving")
+    assert server["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "5"]}}
 
 
 def test_deployment_startup_probe_follows_the_startup_timeout() -> None:

@@ -164,3 +164,17 @@ def test_a_huge_attribute_value_is_streamed_in_constant_memory(tmp_path: Path) -
     assert op.attr["_automatic_multicore"].i == 2 and op.attr["executable"].s == b"\x5a" * HUGE
     assert tree_digest(src) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"], "no staging directory left behind"
+
+
+def test_missing_parents_of_the_output_are_created_and_a_file_in_the_way_is_named(tmp_path: Path) -> None:
+    src = write_model(tmp_path / "m", saved_model())
+    nested = tmp_path / "store" / "ns" / "model" / "id" / "1"
+    result = run_cli(src, nested)
+    assert result.returncode == 0, result.stderr
+    assert (nested / "saved_model.pb").is_file()
+
+    (tmp_path / "blocker").write_text("a file where a directory should be")
+    result = run_cli(src, tmp_path / "blocker" / "id" / "1")
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert result.stderr.startswith(PREFIX) and "cannot create the directory" in result.stderr
+    assert str(tmp_path / "blocker") in result.stderr

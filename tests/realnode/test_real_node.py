@@ -1,0 +1,256 @@
+"""End to end on the real node: the chart's operator image as a real pod, the rewrite Job in the rewrite image, TF
+Serving stand-in pods answering predict requests through their Service, under scaling, a numCores change and
+killed containers.
+
+Everything here runs in containers on the kubelet node (``localcluster.realnode``): the kubelet enforces the
+securityContexts (uid 65532, read-only root), mounts the claims (subPath included), sends the probes, and the
+Neuron device plugin hands each pod its cores in ``NEURON_RT_VISIBLE_CORES``, which the stand-in checks against the
+rewrite's tags. The simulated nodes are cordoned meanwhile (the ``real_node`` fixture).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from kubernetes import client
+
+from localcluster.helm import helm, install_operator
+from localcluster.images import Image
+from localcluster.pytest_plugin import wait_for
+from localcluster.realnode import example_on_real_node
+from localcluster.simcluster import SimulatedCluster
+from neuron_modelgen import build_model, deneuronized_copy, run_serving_default, sample_input
+from neuronmodel_operator.naming import MODEL_LABEL, model_label
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+GROUP, VERSION, PLURAL = "serving.neuron.dev", "v1alpha1", "neuronmodels"
+STORE_UID = 65532  # as an EFS access point owns the store's root: the uid the rewrite Job runs as
+MODEL = "resnet50"
+
+
+@dataclass
+class Deployment:
+    """The namespace where the chart's operator serves the example, and the handles the tests need."""
+
+    cluster: SimulatedCluster
+    namespace: str
+    release: str
+    expected: dict[str, np.ndarray]
+    core: client.CoreV1Api = field(init=False)
+    custom: client.CustomObjectsApi = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.core = client.CoreV1Api(self.cluster.api)
+        self.custom = client.CustomObjectsApi(self.cluster.api)
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return self.cluster.cluster.kubectl("-n", self.namespace, *args, check=check, input=input)
+
+    def status(self) -> dict[str, Any]:
+        model = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, MODEL)
+        return model.get("status") or {}
+
+    def wait_status(self, check: Any, what: str, timeout: float = 300) -> dict[str, Any]:
+        try:
+            return wait_for(lambda: check(self.status()) and self.status(), timeout, what)
+        except AssertionError:
+            raise AssertionError(
+                f"{what}: never; status {json.dumps(self.status(), indent=1)}\n{self.logs()}"
+            ) from None
+
+    def patch(self, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, MODEL, {"spec": spec})
+
+    def pods(self, selector: str) -> list[Any]:
+        return self.core.list_namespaced_pod(self.namespace, label_selector=selector).items
+
+    def serving_pods(self) -> list[Any]:
+        return self.pods(f"{MODEL_LABEL}={model_label(MODEL)},app.kubernetes.io/component=serving")
+
+    def operator_pod(self) -> Any:
+        pods = [p for p in self.pods(f"app.kubernetes.io/instance={self.release}") if not p.metadata.deletion_timestamp]
+        return pods[0] if len(pods) == 1 and _ready(pods[0]) else None
+
+    def predict_url(self) -> str:
+        service = self.core.read_namespaced_service(MODEL, self.namespace)
+        return f"http://{service.spec.cluster_ip}:8501/v1/models/{MODEL}:predict"
+
+    def logs(self) -> str:
+        """The operator pod's log tail, read through the kubelet (what ``kubectl logs`` shows a user)."""
+        pod = self.operator_pod()
+        return self.kubectl("logs", pod.metadata.name, "--tail=30", check=False).stdout if pod else "(no operator pod)"
+
+
+def _ready(pod: Any) -> bool:
+    return pod.status.phase == "Running" and all(c.ready for c in pod.status.container_statuses or [])
+
+
+@pytest.fixture(scope="module")
+def deployed(
+    cluster: SimulatedCluster, built_images: dict[str, Image], real_node: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
+    """The chart installed from the operator image, the example's claims bound to host directories, the example
+    applied; the model is not waited for (the first test does)."""
+    namespace = cluster.create_namespace("realnode-e2e")
+    tmp = tmp_path_factory.mktemp("realnode")
+    (tmp / "compiled").mkdir()
+    source = build_model(tmp / "compiled" / MODEL)
+    expected = run_serving_default(deneuronized_copy(source, tmp / "cpu-copy"), sample_input(3))
+    store = tmp / "store"
+    store.mkdir()
+    os.chown(store, STORE_UID, STORE_UID)
+    for claim, path in (("compiled-models", source.parent), ("neuron-model-store", store)):
+        cluster.hostpath_volume(namespace, claim, path, storage_class="efs-sc")  # the example claims' class
+    release = "nmo"
+    install_operator(cluster.kubeconfig, namespace, release, built_images["operator"].ref, built_images["rewrite"].ref)
+    env = Deployment(cluster, namespace, release, expected)
+    env.kubectl("apply", "-f", str(REPO / "examples" / "store-pvc.yaml"))
+    example = example_on_real_node((REPO / "examples" / "resnet50-inf2.yaml").read_text())
+    env.kubectl("apply", "-f", "-", input=yaml.safe_dump(example))
+    yield env
+    env.kubectl("delete", "neuronmodel", MODEL, "--wait=true", "--timeout=120s", check=False)
+    helm("uninstall", release, "-n", namespace, "--wait", kubeconfig=cluster.kubeconfig)
+    env.core.delete_namespace(namespace)
+    for claim in ("compiled-models", "neuron-model-store"):
+        env.core.delete_persistent_volume(f"pv-{namespace}-{claim}")
+
+
+def predict(url: str, x: np.ndarray, timeout: float = 10) -> np.ndarray:
+    body = json.dumps({"instances": x.tolist()}).encode()
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return np.asarray(json.loads(response.read())["predictions"], dtype=np.float32)
+
+
+class Traffic(threading.Thread):
+    """A steady client: one request at a time, each on a new connection (as kube-proxy balances them), counted."""
+
+    def __init__(self, url: str, x: np.ndarray, expected: np.ndarray) -> None:
+        super().__init__(daemon=True)
+        self.url, self.x, self.expected = url, x, expected
+        self.ok = 0
+        self.failures: list[str] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                answer = predict(self.url, self.x)
+                if np.allclose(answer, self.expected, atol=1e-5):
+                    self.ok += 1
+                else:
+                    self.failures.append(f"wrong answer {answer.tolist()}")
+            except (OSError, urllib.error.URLError, ValueError) as exc:
+                self.failures.append(f"{time.strftime('%H:%M:%S')} {exc}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(30)
+
+
+def test_the_chart_runs_the_operator_image_as_a_real_non_root_pod(deployed: Deployment, real_node: str) -> None:
+    pod = wait_for(deployed.operator_pod, what="the operator pod ready (the kubelet's probes pass)")
+    assert pod.spec.node_name == real_node
+    assert pod.status.container_statuses[0].image_id  # pulled into containerd, not played by the agent
+    name = pod.metadata.name
+    assert deployed.kubectl("exec", name, "--", "python", "-c", "import os; print(os.getuid())").stdout.strip() == (
+        "65532"
+    )
+    write = deployed.kubectl("exec", name, "--", "python", "-c", "open('/probe', 'w')", check=False)
+    assert write.returncode != 0 and "Read-only file system" in write.stderr
+    # Only what production runs is in the image: the test harness is not.
+    harness = deployed.kubectl("exec", name, "--", "python", "-c", "import localcluster", check=False)
+    assert harness.returncode != 0 and "No module named 'localcluster'" in harness.stderr
+
+
+def test_the_example_reaches_ready_on_the_real_node_and_answers_predict_through_its_service(
+    deployed: Deployment, real_node: str
+) -> None:
+    status = deployed.wait_status(lambda s: s.get("phase") == "Ready", "the example Ready")
+    assert status["servedCores"] == 2 and status["readyReplicas"] == 1
+    # The rewrite ran in its image on the real node, as uid 65532 writing the store through its subPath.
+    (job_pod,) = deployed.pods(f"{MODEL_LABEL}={model_label(MODEL)},app.kubernetes.io/component=rewrite")
+    assert job_pod.spec.node_name == real_node
+    assert job_pod.status.container_statuses[0].state.terminated.exit_code == 0
+    (pod,) = deployed.serving_pods()
+    assert pod.spec.node_name == real_node
+    cores = deployed.kubectl("exec", pod.metadata.name, "--", "printenv", "NEURON_RT_VISIBLE_CORES").stdout.strip()
+    assert len(_core_list(cores)) == 2  # the device plugin's allocation, which the stand-in checked the tags against
+    x = sample_input(3)
+    assert np.allclose(predict(deployed.predict_url(), x), deployed.expected["logits"], atol=1e-5)
+
+
+def _core_list(cores: str) -> list[int]:
+    out: list[int] = []
+    for part in cores.split(","):
+        low, _, high = part.partition("-")
+        out += range(int(low), int(high or low) + 1)
+    return out
+
+
+def test_scaling_and_a_numcores_change_under_steady_traffic_lose_no_request(deployed: Deployment) -> None:
+    deployed.wait_status(lambda s: s.get("phase") == "Ready", "the example Ready")
+    traffic = Traffic(deployed.predict_url(), sample_input(3), deployed.expected["logits"])
+    traffic.start()
+    try:
+        deployed.patch({"replicas": 2})
+        deployed.wait_status(lambda s: s.get("phase") == "Ready" and s.get("readyReplicas") == 2, "2 replicas Ready")
+        served_before = deployed.status()["rewrite"]["id"]
+        deployed.patch({"numCores": 1})
+        status = deployed.wait_status(
+            lambda s: s.get("phase") == "Ready" and s.get("servedCores") == 1 and s.get("readyReplicas") == 2,
+            "2 replicas Ready on 1 NeuronCore each",
+            timeout=420,
+        )
+        assert status["rewrite"]["id"] != served_before
+        wait_for(lambda: len(deployed.serving_pods()) == 2, what="the old pods gone")
+        ok_at_change = traffic.ok
+        wait_for(lambda: traffic.ok > ok_at_change + 10, what="requests answered by the new pods")
+    finally:
+        traffic.stop()
+    assert traffic.failures == [], f"{len(traffic.failures)} of {traffic.ok + len(traffic.failures)} lost"
+    assert traffic.ok > 50
+
+
+def test_a_killed_serving_container_and_a_deleted_operator_pod_recover(deployed: Deployment) -> None:
+    deployed.wait_status(lambda s: s.get("phase") == "Ready", "the example Ready")
+    pod = deployed.serving_pods()[0]
+    container_id = pod.status.container_statuses[0].container_id.removeprefix("containerd://")
+    assert deployed.cluster.real_node is not None
+    deployed.cluster.real_node.kill_container(container_id)
+
+    def restarted_and_ready() -> bool:
+        now = deployed.core.read_namespaced_pod(pod.metadata.name, deployed.namespace)
+        return now.status.container_statuses[0].restart_count >= 1 and _ready(now)
+
+    wait_for(restarted_and_ready, timeout=180, what="the serving container restarted by the kubelet and ready")
+    deployed.wait_status(lambda s: s.get("phase") == "Ready", "the model Ready again")
+    assert np.allclose(predict(deployed.predict_url(), sample_input(3)), deployed.expected["logits"], atol=1e-5)
+
+    old = wait_for(deployed.operator_pod, what="the operator pod")
+    deployed.kubectl("delete", "pod", old.metadata.name, "--wait=false")
+    new = wait_for(
+        lambda: (p := deployed.operator_pod()) and p.metadata.name != old.metadata.name and p,
+        timeout=180,
+        what="a new operator pod ready",
+    )
+    assert new.spec.node_name == old.spec.node_name
+    # The new pod picks the work up where the old one left it: a change after the restart is served.
+    deployed.patch({"replicas": 1})
+    deployed.wait_status(lambda s: s.get("phase") == "Ready" and s.get("replicas") == 1, "scaled to 1 by the new pod")
