@@ -99,7 +99,9 @@ class LocalCluster:
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.api_port}"
+        """The address the apiserver's self-signed serving certificate names (clients that ignore the kubeconfig's
+        tls-server-name, like Kopf's, check the address): the advertised one when there is one."""
+        return f"https://{self.advertise_address or '127.0.0.1'}:{self.api_port}"
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -254,10 +256,15 @@ class LocalCluster:
 
     def restart(self, name: str) -> None:
         """Kill one component and start it again with the same command line (for fault tests)."""
-        proc = next(p for p in self.processes if p.name == name)
-        terminate_groups([proc.popen])
-        self.processes.remove(proc)
-        self._spawn(name, list(proc.popen.args))
+        assert self.workdir is not None
+        restart(self.processes, name, self.workdir)
+
+
+def restart(processes: list[ManagedProcess], name: str, logdir: Path) -> None:
+    """Stop the process ``name`` of ``processes`` and start it again in its place with the same command line."""
+    proc = next(p for p in processes if p.name == name)
+    terminate_groups([proc.popen])
+    processes[processes.index(proc)] = spawn(name, list(proc.popen.args), logdir)
 
 
 def terminate_groups(popens: list[subprocess.Popen], grace: float = 5) -> None:

@@ -67,7 +67,8 @@ def predict(sim: SimulatedCluster) -> str:
     body = json.dumps({"instances": [[0.5] * 8, [-1.0] * 8]}).encode()
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
-        return f"POST {url}\n  {body.decode()}\n-> {response.read().decode().strip()}"
+        answer = json.loads(response.read())  # the server pretty-prints it over many lines
+    return f"POST {url}\n  {body.decode()}\n-> {json.dumps(answer)}"
 
 
 class Progress:

@@ -58,6 +58,16 @@ class HostSnapshot:
         snapshot.absent_directories = [d for d in FIXED_DIRECTORIES if not d.exists()]
         return snapshot
 
+    def differences(self, later: HostSnapshot) -> list[str]:
+        """What differs in ``later`` (taken after a node stopped): empty when everything was put back."""
+        found = [f"{k}: {v} -> {later.sysctls.get(k)}" for k, v in self.sysctls.items() if later.sysctls.get(k) != v]
+        for tool, rules in self.iptables.items():
+            before, after = _rules(rules), _rules(later.iptables.get(tool, ""))
+            found += [f"{tool}: {rule} gone" for rule in sorted(before - after)]
+            found += [f"{tool}: {rule} left" for rule in sorted(after - before)]
+        found += [f"{d} left" for d in self.absent_directories if d not in later.absent_directories]
+        return found
+
     def restore(self) -> None:
         for key, value in self.sysctls.items():
             path = _sysctl_path(key)
@@ -84,3 +94,22 @@ def _drop_tables_not_saved(tool: str, saved: str) -> None:
     for table in {line[1:].strip() for line in now.splitlines() if line.startswith("*")} - had:
         subprocess.run([tool, "-t", table, "-F"], capture_output=True)
         subprocess.run([tool, "-t", table, "-X"], capture_output=True)
+
+
+def _rules(saved: str) -> set[str]:
+    """The rules, user chains and non-default policies of an ``iptables-save``, each with its table.
+
+    An empty table is as good as none (restoring cannot unload one the kubelet made), so table headers and
+    built-in chains that accept are left out, and so are comments and packet counters.
+    """
+    found, table = set(), ""
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith(":"):
+            chain, policy = line[1:].split()[:2]
+            if policy != "ACCEPT":
+                found.add(f"{table} :{chain} {policy}")
+        elif line.startswith("-"):
+            found.add(f"{table} {line}")
+    return found

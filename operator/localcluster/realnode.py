@@ -40,6 +40,7 @@ from .cluster import (
     ManagedProcess,
     cache_dir,
     free_port,
+    restart,
     spawn,
     terminate_groups,
 )
@@ -329,6 +330,11 @@ class RealNode:
         old = self._ctr("containers", "list", "-q").stdout.split()
         if old:
             self._ctr("containers", "delete", *old, check=False)
+
+    def restart(self, name: str) -> None:
+        """Stop one of the node's processes (kubelet, kube-proxy, containerd, deviceplugin) and start it again."""
+        assert self.cluster.workdir is not None
+        restart(self.processes, name, self.cluster.workdir)
 
     def kill_container(self, container_id: str) -> None:
         """SIGKILL a container's process, as an OOM kill or a crash would end it (the kubelet restarts it)."""

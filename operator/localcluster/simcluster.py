@@ -79,12 +79,8 @@ class SimulatedCluster:
             self.api = config.new_client_from_config(str(self.kubeconfig))
             self.add_nodes(self.nodes, taints=self.taints)
             assert self.cluster.workdir is not None
-            self.agent = NodeAgent(
-                self.kubeconfig,
-                self.cluster.workdir / "agent",
-                self.cluster.api_port,
-                self.cluster.advertise_address or "127.0.0.1",
-            )
+            host = self.cluster.advertise_address or "127.0.0.1"
+            self.agent = NodeAgent(self.kubeconfig, self.cluster.workdir / "agent", self.cluster.api_port, host)
             self.agent.start()
             if self.real_node is not None:
                 self.real_node.start()

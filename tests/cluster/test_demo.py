@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from localcluster.hostsettings import HostSnapshot
 from neuron_modelgen import deneuronized_copy, run_serving_default
 
 pytestmark = [pytest.mark.cluster, pytest.mark.own_cluster]
 
 
 def test_demo_reaches_ready_and_stops_cleanly() -> None:
+    host = HostSnapshot.take()
     result = subprocess.run(
         [sys.executable, "-m", "localcluster.demo", "--exit-when-ready", "--timeout", "400"],
         capture_output=True,
@@ -38,3 +40,6 @@ def test_demo_reaches_ready_and_stops_cleanly() -> None:
     x = np.asarray([[0.5] * 8, [-1.0] * 8], dtype=np.float32)  # what the demo sends
     assert np.allclose(predictions, run_serving_default(model, x)["logits"], atol=1e-5)
     assert "stopped; files kept in" in result.stdout
+    # The real node's changes to the host were undone: kernel settings, iptables rules, directories, the bridge.
+    assert host.differences(HostSnapshot.take()) == []
+    assert subprocess.run(["ip", "link", "show", "nmo0"], capture_output=True).returncode != 0

@@ -32,7 +32,7 @@ from localcluster.images import Image
 from localcluster.pytest_plugin import wait_for
 from localcluster.realnode import example_on_real_node
 from localcluster.simcluster import SimulatedCluster
-from neuron_modelgen import build_model, deneuronized_copy, run_serving_default, sample_input
+from neuron_modelgen import Options, build_model, deneuronized_copy, run_serving_default, sample_input
 from neuronmodel_operator.naming import MODEL_LABEL, model_label
 
 pytestmark = pytest.mark.cluster
@@ -50,6 +50,7 @@ class Deployment:
     cluster: SimulatedCluster
     namespace: str
     release: str
+    sources: Path  # the directory behind the compiled-models claim
     expected: dict[str, np.ndarray]
     core: client.CoreV1Api = field(init=False)
     custom: client.CustomObjectsApi = field(init=False)
@@ -61,17 +62,16 @@ class Deployment:
     def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
         return self.cluster.cluster.kubectl("-n", self.namespace, *args, check=check, input=input)
 
-    def status(self) -> dict[str, Any]:
-        model = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, MODEL)
+    def status(self, name: str = MODEL) -> dict[str, Any]:
+        model = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
         return model.get("status") or {}
 
-    def wait_status(self, check: Any, what: str, timeout: float = 300) -> dict[str, Any]:
+    def wait_status(self, check: Any, what: str, timeout: float = 300, name: str = MODEL) -> dict[str, Any]:
         try:
-            return wait_for(lambda: check(self.status()) and self.status(), timeout, what)
+            return wait_for(lambda: check(self.status(name)) and self.status(name), timeout, what)
         except AssertionError:
-            raise AssertionError(
-                f"{what}: never; status {json.dumps(self.status(), indent=1)}\n{self.logs()}"
-            ) from None
+            status = json.dumps(self.status(name), indent=1)
+            raise AssertionError(f"{what}: never; status {status}\noperator log:\n{self.logs()}") from None
 
     def patch(self, spec: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, MODEL, {"spec": spec})
@@ -86,9 +86,9 @@ class Deployment:
         pods = [p for p in self.pods(f"app.kubernetes.io/instance={self.release}") if not p.metadata.deletion_timestamp]
         return pods[0] if len(pods) == 1 and _ready(pods[0]) else None
 
-    def predict_url(self) -> str:
-        service = self.core.read_namespaced_service(MODEL, self.namespace)
-        return f"http://{service.spec.cluster_ip}:8501/v1/models/{MODEL}:predict"
+    def predict_url(self, name: str = MODEL, served_as: str = MODEL) -> str:
+        service = self.core.read_namespaced_service(name, self.namespace)
+        return f"http://{service.spec.cluster_ip}:8501/v1/models/{served_as}:predict"
 
     def logs(self) -> str:
         """The operator pod's log tail, read through the kubelet (what ``kubectl logs`` shows a user)."""
@@ -118,7 +118,7 @@ def deployed(
         cluster.hostpath_volume(namespace, claim, path, storage_class="efs-sc")  # the example claims' class
     release = "nmo"
     install_operator(cluster.kubeconfig, namespace, release, built_images["operator"].ref, built_images["rewrite"].ref)
-    env = Deployment(cluster, namespace, release, expected)
+    env = Deployment(cluster, namespace, release, source.parent, expected)
     env.kubectl("apply", "-f", str(REPO / "examples" / "store-pvc.yaml"))
     example = example_on_real_node((REPO / "examples" / "resnet50-inf2.yaml").read_text())
     env.kubectl("apply", "-f", "-", input=yaml.safe_dump(example))
@@ -254,3 +254,42 @@ def test_a_killed_serving_container_and_a_deleted_operator_pod_recover(deployed:
     # The new pod picks the work up where the old one left it: a change after the restart is served.
     deployed.patch({"replicas": 1})
     deployed.wait_status(lambda s: s.get("phase") == "Ready" and s.get("replicas") == 1, "scaled to 1 by the new pod")
+
+
+def test_after_a_kubelet_restart_the_device_plugin_registers_again_and_new_pods_get_cores(
+    deployed: Deployment, real_node: str
+) -> None:
+    deployed.wait_status(lambda s: s.get("phase") == "Ready" and s.get("replicas") == 1, "the example Ready")
+    node_api = deployed.core
+    real = deployed.cluster.real_node
+    assert real is not None
+    plugin_log = deployed.cluster.cluster.workdir / "deviceplugin.log"
+    registered = plugin_log.read_text().count("registered aws.amazon.com/neuroncore")
+    real.restart("kubelet")  # the kubelet wipes the device plugin directory as it starts
+    wait_for(
+        lambda: plugin_log.read_text().count("registered aws.amazon.com/neuroncore") > registered,
+        timeout=60,
+        what="the device plugin registered with the new kubelet",
+    )
+    wait_for(
+        lambda: (node_api.read_node(real_node).status.allocatable or {}).get("aws.amazon.com/neuroncore") == "12",
+        timeout=60,
+        what="the node's 12 NeuronCores advertised again",
+    )
+    # A pod admitted by the new kubelet gets its cores from the re-registered plugin, and serves.
+    deployed.patch({"replicas": 2})
+    deployed.wait_status(lambda s: s.get("phase") == "Ready" and s.get("readyReplicas") == 2, "2 replicas Ready")
+    assert np.allclose(predict(deployed.predict_url(), sample_input(3)), deployed.expected["logits"], atol=1e-5)
+
+
+def test_the_bert_example_with_batching_serves_a_tf1_model_on_eight_cores(deployed: Deployment) -> None:
+    source = build_model(deployed.sources / "bert", Options(kind="tf1"))  # the claim path the example names
+    expected = run_serving_default(deneuronized_copy(source, deployed.sources.parent / "bert-cpu"), sample_input(3))
+    example = example_on_real_node((REPO / "examples" / "bert-trn1.yaml").read_text())
+    example["spec"]["replicas"] = 1  # its 4 replicas of 8 cores need a trn1.32xlarge; the real node has 12 cores
+    deployed.kubectl("apply", "-f", "-", input=yaml.safe_dump(example))
+    status = deployed.wait_status(lambda s: s.get("phase") == "Ready", "the bert example Ready", name="bert")
+    assert status["servedCores"] == 8
+    # Served as spec.model.name, with the example's batching parameters file, which the stand-in parsed.
+    answer = predict(deployed.predict_url("bert", served_as="bert-base"), sample_input(3))
+    assert np.allclose(answer, expected["y"], atol=1e-5)
