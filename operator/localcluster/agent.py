@@ -19,7 +19,7 @@ There is no container runtime here, so the agent does what a node must for the p
 Processes run as the agent's own user: the project's virtualenv lives where another user may not read it. The pod's
 securityContext (non-root and the rest) is what the operator's unit tests check; nothing here enforces it.
 
-Pod IPs come from 10.244.0.0/16 for the API's sake only; nothing ever connects to them.
+Pod IPs come from SIMULATED_POD_CIDR for the API's sake only; nothing ever connects to them.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ from .nodes import NEURONCORE, SIMULATED_LABEL
 from .serving import check_serving_container, is_serving_container
 
 log = logging.getLogger("localcluster.agent")
+
+SIMULATED_POD_CIDR = "10.244.0.0/16"
 
 TERMINATION_TAIL_LINES = 80
 TERMINATION_MAX_BYTES = 2048  # what a kubelet keeps of the logs for FallbackToLogsOnError

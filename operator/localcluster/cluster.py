@@ -24,7 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = HERE / "build-kubernetes.sh"
-SERVICE_CIDR = "10.96.0.0/16"  # addresses on paper only: nothing here sends traffic to them
+SERVICE_CIDR = "10.96.0.0/16"  # reached only through a real node's kube-proxy rules, on this machine
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
 

@@ -60,15 +60,23 @@ def prepare_volumes(sim: SimulatedCluster, work: Path) -> Path:
     return store
 
 
-def predict(sim: SimulatedCluster) -> str:
-    """One predict request through the model's Service (ClusterIP, kube-proxy), as a client in the cluster sends."""
+def predict(sim: SimulatedCluster, timeout: float = 60) -> str:
+    """One predict request through the model's Service (ClusterIP, kube-proxy), as a client in the cluster sends;
+    retried while kube-proxy has not yet routed the Service to the pods that just became ready."""
     service = client.CoreV1Api(sim.api).read_namespaced_service(MODEL, NAMESPACE)
     url = f"http://{service.spec.cluster_ip}:8501/v1/models/{MODEL}:predict"
     body = json.dumps({"instances": [[0.5] * 8, [-1.0] * 8]}).encode()
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        answer = json.loads(response.read())  # the server pretty-prints it over many lines
-    return f"POST {url}\n  {body.decode()}\n-> {json.dumps(answer)}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                answer = json.loads(response.read())  # the server pretty-prints it over many lines
+            return f"POST {url}\n  {body.decode()}\n-> {json.dumps(answer)}"
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 class Progress:

@@ -33,8 +33,10 @@ from pathlib import Path
 
 from kubernetes import client
 
+from .agent import SIMULATED_POD_CIDR
 from .cluster import (
     KUBELET_CLIENT_CA,
+    SERVICE_CIDR,
     ClusterError,
     LocalCluster,
     ManagedProcess,
@@ -236,6 +238,12 @@ class RealNode:
         _run("ip", "link", "add", BRIDGE, "type", "bridge", check=False)
         _run("ip", "addr", "replace", f"{GATEWAY}/24", "dev", BRIDGE)
         _run("ip", "link", "set", BRIDGE, "up")
+        # Cluster addresses never leave this machine: a ClusterIP kube-proxy has not programmed yet, or a simulated
+        # pod's address behind one, goes to the bridge (and nowhere) rather than out of the default route; pods'
+        # own traffic is forwarded to each other and to nothing else.
+        for cidr in (SERVICE_CIDR, SIMULATED_POD_CIDR):
+            _run("ip", "route", "replace", cidr, "dev", BRIDGE)
+        _run("iptables", "-I", "FORWARD", "-s", POD_SUBNET, "!", "-d", POD_SUBNET, "-j", "DROP")
 
     def start(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
