@@ -18,6 +18,7 @@ warm start imports nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -28,10 +29,12 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kubernetes import client
+import yaml
+from kubernetes import client, config
 
 from .agent import SIMULATED_POD_CIDR
 from .cluster import (
@@ -65,8 +68,6 @@ NODE_USER, PROXY_USER = f"system:node:{NODE_NAME}", "system:kube-proxy"
 def example_on_real_node(text: str) -> dict:
     """An example NeuronModel placed on the real node's instance type, with a CPU request this 2-core machine can
     grant; everything else (image, claims, cores, tolerations) as the example has it."""
-    import yaml
-
     example = yaml.safe_load(text)
     example["spec"]["nodeSelector"] = {INSTANCE_TYPE_LABEL: INSTANCE_TYPE}
     example["spec"].setdefault("serving", {})["resources"] = {"requests": {"cpu": "100m", "memory": "512Mi"}}
@@ -246,6 +247,7 @@ class RealNode:
         _run("iptables", "-I", "FORWARD", "-s", POD_SUBNET, "!", "-d", POD_SUBNET, "-j", "DROP")
 
     def start(self, timeout: float = 120) -> None:
+        """Start containerd, import the images (not counted in ``timeout``), then the node until it is Ready."""
         deadline = time.monotonic() + timeout
         self.work.mkdir(parents=True, exist_ok=True)
         (self.work / "cni").mkdir(exist_ok=True)
@@ -257,11 +259,12 @@ class RealNode:
         self._forget_old_containers()
         pause = Image("pause", PAUSE_IMAGE, pause_archive(self.cluster.bin_dir / "pause", cache_dir() / "pause.tar"))
         import_images([pause, *self.images], str(self.socket), aliases=self.aliases)
+        deadline = time.monotonic() + timeout  # a cold import of the stand-in's TensorFlow takes most of a minute
         self._authorize()
-        config = self._write("kubelet.json", kubelet_config(self.cluster.pki / KUBELET_CLIENT_CA))
+        settings = self._write("kubelet.json", kubelet_config(self.cluster.pki / KUBELET_CLIENT_CA))
         self._spawn(
             "kubelet",
-            [str(self.cluster.bin_dir / "kubelet"), f"--config={config}",
+            [str(self.cluster.bin_dir / "kubelet"), f"--config={settings}",
              f"--kubeconfig={self._kubeconfig('kubelet', NODE_USER)}", "--container-runtime=remote",
              f"--container-runtime-endpoint=unix://{self.socket}", f"--pod-infra-container-image={PAUSE_IMAGE}",
              f"--root-dir={self.work / 'kubelet'}", f"--cert-dir={self.work / 'kubelet-pki'}",
@@ -279,16 +282,15 @@ class RealNode:
         self._wait(self._ready, deadline, f"node {self.name} Ready with {self.cores} {NEURONCORE}")
         # Admission taints a new node not-ready; no node lifecycle controller runs here to lift it. Cordoned: only
         # the tests and the demo that ask for it (``place_on_real_node``) put pods here.
-        client.CoreV1Api(self._api()).patch_node(self.name, {"spec": {"taints": [], "unschedulable": True}})
+        client.CoreV1Api(self._api).patch_node(self.name, {"spec": {"taints": [], "unschedulable": True}})
 
+    @functools.cached_property
     def _api(self) -> client.ApiClient:
-        from kubernetes import config
-
         return config.new_client_from_config(str(self.cluster.kubeconfig))
 
     def _ready(self) -> bool:
         try:
-            node = client.CoreV1Api(self._api()).read_node(self.name)
+            node = client.CoreV1Api(self._api).read_node(self.name)
         except client.ApiException:
             return False
         ready = any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
@@ -296,7 +298,7 @@ class RealNode:
 
     def _authorize(self) -> None:
         """RBAC alone (no Node authorizer) gives a kubelet nothing: bind the node role to its user."""
-        rbac = client.RbacAuthorizationV1Api(self._api())
+        rbac = client.RbacAuthorizationV1Api(self._api)
         binding = {
             "metadata": {"name": "localcluster:real-node"},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:node"},
@@ -317,7 +319,7 @@ class RealNode:
     def _spawn(self, name: str, argv: list[str]) -> None:
         self.processes.append(spawn(name, argv, self.cluster.workdir))
 
-    def _wait(self, condition, deadline: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    def _wait(self, condition: Callable[[], object], deadline: float, what: str) -> None:
         while not condition():
             for process in self.processes:
                 if process.popen.poll() is not None:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import sys
+import time
 
 import kopf
+from kopf._cogs.clients.errors import APIError  # what Kopf's watch streams raise; kopf does not re-export it
+
+RESTARTS = "NEURONMODEL_OPERATOR_RESTARTS"  # carried across the re-exec below, for its back-off
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,15 +43,35 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     from . import handlers  # noqa: F401  (registers the handlers)
 
-    kopf.run(
-        clusterwide=not args.namespace,
-        namespaces=args.namespace,
-        standalone=args.standalone,
-        peering_name=args.peering,
-        priority=args.priority,
-        liveness_endpoint=args.liveness or None,
-    )
+    try:
+        kopf.run(
+            clusterwide=not args.namespace,
+            namespaces=args.namespace,
+            standalone=args.standalone,
+            peering_name=args.peering,
+            priority=args.priority,
+            liveness_endpoint=args.liveness or None,
+        )
+    except APIError as exc:
+        restart_after_api_failure(exc)
     return 0
+
+
+def restart_after_api_failure(exc: APIError) -> None:
+    """Start afresh in this process, as the kubelet would restart the container, with a growing pause.
+
+    Kopf's watch streams retry a refused connection but not an error answer, and one failed stream stops the
+    whole operator. A restarted apiserver answers 404 for a CRD's paths until it has installed them again, so an
+    apiserver restart could end the operator. Everything it needs is rebuilt from the API at start.
+    """
+    restarts = int(os.environ.get(RESTARTS, "0"))
+    delay = min(60, 2 ** min(restarts, 6))
+    logging.getLogger("neuronmodel_operator").error(
+        "the Kubernetes API failed a watch (%s); restarting in %d s (restart %d)", exc, delay, restarts + 1
+    )
+    time.sleep(delay)
+    os.environ[RESTARTS] = str(restarts + 1)
+    os.execv(sys.executable, sys.orig_argv)
 
 
 if __name__ == "__main__":
