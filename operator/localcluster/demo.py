@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from kubernetes import client
 from .helm import install_operator
 from .images import ensure_images
 from .nodes import NEURON_TAINT
-from .realnode import example_on_real_node
+from .realnode import example_on_real_node, first_answer
 from .simcluster import SimulatedCluster
 
 GROUP = "serving.neuron.dev"
@@ -60,23 +59,13 @@ def prepare_volumes(sim: SimulatedCluster, work: Path) -> Path:
     return store
 
 
-def predict(sim: SimulatedCluster, timeout: float = 60) -> str:
-    """One predict request through the model's Service (ClusterIP, kube-proxy), as a client in the cluster sends;
-    retried while kube-proxy has not yet routed the Service to the pods that just became ready."""
+def demo_predict(sim: SimulatedCluster) -> str:
+    """One predict request through the model's Service (ClusterIP, kube-proxy), as a client in the cluster sends."""
     service = client.CoreV1Api(sim.api).read_namespaced_service(MODEL, NAMESPACE)
     url = f"http://{service.spec.cluster_ip}:8501/v1/models/{MODEL}:predict"
-    body = json.dumps({"instances": [[0.5] * 8, [-1.0] * 8]}).encode()
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                answer = json.loads(response.read())  # the server pretty-prints it over many lines
-            return f"POST {url}\n  {body.decode()}\n-> {json.dumps(answer)}"
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
+    instances = [[0.5] * 8, [-1.0] * 8]
+    answer = first_answer(url, instances)  # printed on one line: the server pretty-prints it over many
+    return f"POST {url}\n  {json.dumps({'instances': instances})}\n-> {json.dumps(answer)}"
 
 
 class Progress:
@@ -142,7 +131,7 @@ def run(timeout: float, stay: bool) -> int:
                 time.sleep(0.5)
             print("\n" + sim.cluster.kubectl("get", "nm", "-n", NAMESPACE).stdout)
             print(sim.cluster.kubectl("get", "jobs,deployments,pods,services", "-n", NAMESPACE, "-o", "wide").stdout)
-            say(started, "a predict request through the Service:\n" + predict(sim))
+            say(started, "a predict request through the Service:\n" + demo_predict(sim))
             if not stay:
                 return 0
             rewrite_cli = Path(sys.executable).parent / "tf-neuron-auto-multicore"

@@ -112,9 +112,10 @@ def install_operator(kubeconfig: Path, namespace: str, release: str, operator_re
     helm("install", release, str(CHART), "-n", namespace, "--wait", "--timeout", "3m", *sets, kubeconfig=kubeconfig)
 
 
-def helm(*args: str, kubeconfig: Path) -> None:
-    done = subprocess.run(
-        [str(helm_binary()), *args], capture_output=True, text=True, env=dict(os.environ, KUBECONFIG=str(kubeconfig))
-    )
-    if done.returncode != 0:
+def helm(*args: str, kubeconfig: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run helm (against ``kubeconfig`` if given); with ``check``, a failure raises with helm's own message."""
+    env = dict(os.environ, **({"KUBECONFIG": str(kubeconfig)} if kubeconfig else {}))
+    done = subprocess.run([str(helm_binary()), *args], capture_output=True, text=True, env=env, timeout=300)
+    if check and done.returncode != 0:
         raise RuntimeError(f"helm {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
+    return done

@@ -29,6 +29,8 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +74,29 @@ def example_on_real_node(text: str) -> dict:
     example["spec"]["nodeSelector"] = {INSTANCE_TYPE_LABEL: INSTANCE_TYPE}
     example["spec"].setdefault("serving", {})["resources"] = {"requests": {"cpu": "100m", "memory": "512Mi"}}
     return example
+
+
+def predict(url: str, instances: list, timeout: float = 10) -> dict:
+    """One TF Serving REST predict request (row format); an HTTP error is raised with the server's own words."""
+    body = json.dumps({"instances": instances}).encode()
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"POST {url}: {exc.code} {exc.read().decode(errors='replace')}") from None
+
+
+def first_answer(url: str, instances: list, timeout: float = 60) -> dict:
+    """The answer once the Service routes: kube-proxy programs a Service's endpoints a moment after pods are ready."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return predict(url, instances)
+        except (OSError, RuntimeError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 class RealNodeError(ClusterError):

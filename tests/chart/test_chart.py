@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import yaml
 from kubernetes import client
 
 from localcluster.cluster import free_port
-from localcluster.helm import helm_binary
+from localcluster.helm import helm, helm_binary
 from localcluster.simcluster import SimulatedCluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,16 +74,6 @@ def peering_rules(resource: str) -> list[dict[str, Any]]:
             "verbs": ["patch"],
         },
     ]
-
-
-def helm(*args: str, kubeconfig: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    if kubeconfig is not None:
-        env["KUBECONFIG"] = str(kubeconfig)
-    out = subprocess.run([str(helm_binary()), *args], capture_output=True, text=True, env=env, timeout=300)
-    if check and out.returncode != 0:
-        raise AssertionError(f"helm {' '.join(args)} failed ({out.returncode}):\n{out.stderr}")
-    return out
 
 
 def sets(values: dict[str, str]) -> list[str]:

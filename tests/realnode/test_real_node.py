@@ -15,8 +15,6 @@ import os
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ import pytest
 import yaml
 from kubernetes import client
 
+from localcluster import realnode
 from localcluster.helm import helm, install_operator
 from localcluster.images import Image
 from localcluster.pytest_plugin import wait_for
@@ -130,26 +129,12 @@ def deployed(
         env.core.delete_persistent_volume(f"pv-{namespace}-{claim}")
 
 
-def predict(url: str, x: np.ndarray, timeout: float = 10) -> np.ndarray:
-    body = json.dumps({"instances": x.tolist()}).encode()
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return np.asarray(json.loads(response.read())["predictions"], dtype=np.float32)
-    except urllib.error.HTTPError as exc:  # the server's own words, not just the code
-        raise RuntimeError(f"POST {url}: {exc.code} {exc.read().decode(errors='replace')}") from None
+def predict(url: str, x: np.ndarray) -> np.ndarray:
+    return np.asarray(realnode.predict(url, x.tolist())["predictions"], dtype=np.float32)
 
 
-def first_answer(url: str, x: np.ndarray, timeout: float = 60) -> np.ndarray:
-    """The answer once the Service routes: kube-proxy programs a Service's endpoints a moment after pods are ready."""
-
-    def attempt() -> tuple[np.ndarray] | None:
-        try:
-            return (predict(url, x),)
-        except (OSError, RuntimeError):
-            return None
-
-    return wait_for(attempt, timeout, f"an answer from {url}")[0]
+def first_answer(url: str, x: np.ndarray) -> np.ndarray:
+    return np.asarray(realnode.first_answer(url, x.tolist())["predictions"], dtype=np.float32)
 
 
 class Traffic(threading.Thread):
