@@ -8,6 +8,7 @@ import sys
 from typing import NoReturn
 
 from .errors import EXIT_CODES, RewriteError, UsageError
+from .marker import MARKER_FILE
 from .report import RewriteReport
 from .rewrite import inspect_model, rewrite_model
 
@@ -27,10 +28,16 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Tag every NeuronOp of a Neuron-compiled TensorFlow SavedModel with _automatic_multicore=NUM_CORES, so "
             "the Neuron runtime replicates the model on that many NeuronCores. MODEL_DIR is a SavedModel directory "
-            "or a TF Serving base path with numbered version folders (each version is rewritten). The input is never "
-            "modified; the output appears atomically or not at all."
+            "or a TF Serving base path with numbered version folders (each version is rewritten into the same "
+            "numbered folder of NEW_MODEL_DIR, unless --select_version picks one). The input is never modified; the "
+            "output appears atomically or not at all."
         ),
-        epilog=f"exit codes:\n{codes}",
+        epilog=(
+            f"With --rewrite_id, the output holds a completion marker, {MARKER_FILE}, published in the same rename "
+            "as the model; a later run with the same ID and NUM_CORES finds it, writes nothing and succeeds, even "
+            "with --force and without MODEL_DIR. --report_file is written after a success only; if it cannot be "
+            f"written the exit code is 1, though the model is published.\n\nexit codes:\n{codes}"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="compiled SavedModel directory or TF Serving base path")
@@ -50,6 +57,23 @@ def _parser() -> argparse.ArgumentParser:
         help="write a fresh fingerprint.pb with TensorFlow (slow; by default the stale one is dropped)",
     )
     parser.add_argument("--fsync", action="store_true", help="make the output durable on disk before publishing it")
+    parser.add_argument(
+        "--select_version",
+        metavar="VERSION",
+        help="from a base path, rewrite only VERSION ('latest': the highest number, as TF Serving picks) into "
+        "NEW_MODEL_DIR itself, without reading the other versions; a SavedModel MODEL_DIR is its own 'latest'",
+    )
+    parser.add_argument(
+        "--rewrite_id",
+        metavar="ID",
+        help="mark the output as published by rewrite ID; if NEW_MODEL_DIR already holds that mark for NUM_CORES, "
+        "keep it as it is and succeed",
+    )
+    parser.add_argument(
+        "--report_file",
+        metavar="PATH",
+        help="after success, write a one-line JSON summary (no per-op list) to PATH, e.g. /dev/termination-log",
+    )
     return parser
 
 
@@ -81,19 +105,40 @@ def _format(report: RewriteReport) -> str:
         if len(rows) > 1:
             widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
             lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    if report.output:
-        lines.append(
-            f"wrote {report.output}: {report.neuron_op_count} NeuronOp node(s) tagged for {report.num_cores} core(s)"
-        )
+    tagged = f"{report.neuron_op_count} NeuronOp node(s) tagged for {report.num_cores} core(s)"
+    from_version = "" if report.source_version is None else f" from version {report.source_version}"
+    if report.reused:
+        earlier = f"published earlier by rewrite {report.rewrite_id}{from_version}"
+        lines.append(f"reused {report.output}: {earlier}, {tagged}")
+    elif report.output:
+        origin = f"{from_version} of {report.source}" if from_version else ""
+        written = f"{_size(report.bytes_written)} in {report.seconds:.1f} s"
+        lines.append(f"wrote {report.output}{origin}: {tagged}, {written}")
+    elif from_version:
+        lines.append(f"selected version {report.source_version} of {report.source}")
     return "\n".join(lines)
+
+
+def _write_report_file(path: str, report: RewriteReport) -> None:
+    """Kubernetes keeps at most 4096 bytes of a termination message: the summary is one short line."""
+    try:
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(json.dumps(report.summary(), separators=(",", ":")) + "\n")
+    except OSError as exc:
+        raise RewriteError(
+            f"{path}: cannot write the report ({exc.strerror or exc}); the model is published at {report.output} "
+            "all the same"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.inspect and (args.rewrite_id is not None or args.report_file is not None):
+        parser.error("--rewrite_id and --report_file apply to a rewrite, not to --inspect")
     try:
         if args.inspect:
-            report = inspect_model(args.model_dir)
+            report = inspect_model(args.model_dir, select_version=args.select_version)
         else:
             if args.num_cores is None or args.new_model_dir is None:
                 parser.error("--num_cores and --new_model_dir are required unless --inspect is given")
@@ -105,7 +150,12 @@ def main(argv: list[str] | None = None) -> int:
                 allow_no_neuron_ops=args.allow_no_neuron_ops,
                 recompute_fingerprint=args.recompute_fingerprint,
                 fsync=args.fsync,
+                select_version=args.select_version,
+                rewrite_id=args.rewrite_id,
             )
+            if args.report_file is not None:
+                # Before anything is printed: a failure here ends as one error line, like any other.
+                _write_report_file(args.report_file, report)
     except RewriteError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -16,7 +16,8 @@ class UsageError(RewriteError):
 
 
 class InvalidModelError(RewriteError):
-    """The input is missing, is not a SavedModel, or its ``saved_model.pb`` is corrupt or truncated."""
+    """The input is missing, is not a SavedModel (nor holds the selected version), or its ``saved_model.pb`` is
+    corrupt or truncated."""
 
     exit_code = 3
 
@@ -35,9 +36,12 @@ class OutputError(RewriteError):
 
 EXIT_CODES = {
     0: "success",
-    1: "unexpected I/O failure (message names the file)",
-    UsageError.exit_code: "bad arguments (e.g. --num_cores below 1)",
-    InvalidModelError.exit_code: "input missing, not a SavedModel, or saved_model.pb corrupt/truncated",
+    1: "unexpected I/O failure, or --report_file not writable after publishing (message names the file)",
+    UsageError.exit_code: "bad arguments (e.g. --num_cores below 1, --select_version neither 'latest' nor >= 1)",
+    InvalidModelError.exit_code: (
+        "input missing, not a SavedModel, selected version missing or not a SavedModel, "
+        "or saved_model.pb corrupt/truncated"
+    ),
     NotReplicableError.exit_code: "NeuronOp compiled with pipeline size > 1, or no NeuronOp (not compiled for Neuron)",
     OutputError.exit_code: "output exists (use --force), or output equals, contains or is inside the input",
 }

@@ -7,6 +7,7 @@ import ctypes
 import errno
 import os
 import shutil
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -52,6 +53,10 @@ def write_pieces(src_fd: int, dst: Path, pieces: Iterable[tuple[int, int] | byte
         os.close(fd)
 
 
+def write_file(dst: Path, data: bytes, fsync: bool) -> None:
+    write_pieces(-1, dst, [data], fsync)  # literal bytes only: the source descriptor is never read
+
+
 def copy_file(src: Path, dst: Path, fsync: bool) -> None:
     src_fd = os.open(src, os.O_RDONLY)
     try:
@@ -95,6 +100,25 @@ def copy_tree(src: Path, dst: Path, skip: set[Path], fsync: bool) -> None:
         dirnames[:] = [d for d in dirnames if not (here / d).is_symlink()]
 
 
+def tree_bytes(root: Path) -> int:
+    """Total size of the regular files under ``root``; links are neither followed nor counted."""
+    total = 0
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            info = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(info.st_mode):
+                total += info.st_size
+    return total
+
+
+def _fsync_directory(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _rename_exchange(a: Path, b: Path) -> bool:
     """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
     try:
@@ -117,11 +141,13 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: Path, force: bool) -> Iterator[Path]:
+def atomic_directory(target: Path, force: bool, fsync: bool = False) -> Iterator[Path]:
     """Yield a fresh directory beside ``target``; on success it becomes ``target`` in one rename.
 
     On any failure the directory is removed, so readers see the whole output or none of it. With ``force`` an
-    existing target is swapped out atomically and then deleted.
+    existing target is swapped out atomically and then deleted. With ``fsync`` (the files themselves are synced by
+    whoever writes them) the directories are synced before the rename, so it cannot publish entries a power loss
+    would lose, and the parent after it, so the publication itself survives one.
     """
     parent = target.parent
     try:
@@ -135,7 +161,12 @@ def atomic_directory(target: Path, force: bool) -> Iterator[Path]:
         raise RewriteError(f"{target}: cannot create the output beside it ({exc.strerror})") from None
     try:
         yield staging
+        if fsync:
+            for dirpath, _, _ in os.walk(staging):
+                _fsync_directory(dirpath)
         _publish(staging, target, force)
+        if fsync:
+            _fsync_directory(parent)
     except BaseException:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

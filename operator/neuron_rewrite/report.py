@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,36 @@ class RewriteReport:
     output: str | None
     num_cores: int | None
     models: list[ModelReport] = field(default_factory=list)
+    # The version --select_version chose from a base path; None: the input is a SavedModel, or every version.
+    source_version: int | None = None
+    rewrite_id: str | None = None
+    # True: ``output`` was published earlier by ``rewrite_id`` and left as it was. The version above, the format,
+    # the bytes and the op count are then those its marker recorded; ``seconds`` is this run's.
+    reused: bool = False
+    format_version: int | None = None  # of the output; None when nothing is written (inspect)
+    bytes_written: int = 0  # the output's files, the marker excluded
+    seconds: float = 0.0  # wall time of the run, until the output was complete
+    # Counted from ``models`` unless given: a reuse reads no model, so it takes the count from the marker.
+    neuron_op_count: int | None = None
 
-    @property
-    def neuron_op_count(self) -> int:
-        return sum(len(m.neuron_ops) for m in self.models)
+    def __post_init__(self) -> None:
+        if self.neuron_op_count is None:
+            self.neuron_op_count = sum(len(m.neuron_ops) for m in self.models)
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"neuron_op_count": self.neuron_op_count}
+        return asdict(self)
+
+    def summary(self) -> dict[str, Any]:
+        """The report without the per-op list: a few hundred bytes whatever the model, as a Kubernetes
+        termination message (at most 4096 bytes) must be."""
+        return {
+            "formatVersion": self.format_version,
+            "rewriteId": self.rewrite_id,
+            "numCores": self.num_cores,
+            "sourceVersion": self.source_version,
+            "neuronOps": self.neuron_op_count,
+            "bytesWritten": self.bytes_written,
+            "seconds": self.seconds,
+            "reused": self.reused,
+            "output": self.output,
+        }

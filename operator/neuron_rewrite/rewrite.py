@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -13,14 +15,18 @@ from .files import (
     copy_file,
     copy_tree,
     describe_os_error,
+    tree_bytes,
     write_pieces,
 )
+from .marker import FORMAT_VERSION, MARKER_FILE, read_marker, write_marker
 from .report import ModelReport, RewriteReport
 from .scan import Piece, SavedModelScanner
 from .wire import FileReader
 
 SAVED_MODEL = "saved_model.pb"
 FINGERPRINT = "fingerprint.pb"
+LATEST = "latest"
+_VERSION_NAME = re.compile(r"[0-9]+")  # TF Serving's version folders: names that parse as an integer
 
 
 @dataclass
@@ -28,37 +34,101 @@ class _Model:
     """One SavedModel found under the input: where it is, what it holds, and how to write it."""
 
     version: str | None
-    relative: Path  # from the input root
+    relative: Path  # from the directory the output mirrors: the input, or its selected version
     report: ModelReport
     plan: list[Piece] | None  # None: saved_model.pb is copied unchanged
 
 
-def find_saved_models(root: Path) -> list[tuple[str | None, Path]]:
-    """The SavedModel at ``root`` itself, or the numbered versions of a TF Serving base path."""
+def _is_saved_model(root: Path) -> bool:
+    """True for a SavedModel directory, False for what may be a base path; refuses anything else."""
     if not root.exists():
         raise InvalidModelError(f"{root}: no such directory")
     if not root.is_dir():
         raise InvalidModelError(f"{root}: not a directory (expected a SavedModel directory)")
     if (root / SAVED_MODEL).is_file():
-        return [(None, Path("."))]
+        return True
     if (root / "saved_model.pbtxt").exists():
         raise InvalidModelError(f"{root / 'saved_model.pbtxt'}: text-format SavedModels are not supported")
-    versions = sorted((p for p in root.iterdir() if p.name.isdigit() and p.is_dir()), key=lambda p: int(p.name))
+    return False
+
+
+def _numbered_children(root: Path) -> list[tuple[int, Path]]:
+    """Every child whose name is a version number, file or folder alike (as TF Serving counts them), oldest first."""
+    return sorted((int(p.name), p) for p in root.iterdir() if _VERSION_NAME.fullmatch(p.name))
+
+
+def _not_a_model(root: Path) -> InvalidModelError:
+    return InvalidModelError(
+        f"{root}: not a SavedModel (no {SAVED_MODEL}) nor a TF Serving base path (no numbered version folder)"
+    )
+
+
+def _refuse_link_outside(path: Path, root: Path) -> None:
+    if path.is_symlink() and root.resolve() not in path.resolve().parents:
+        # Reading through it would carry a file from elsewhere into the output.
+        raise InvalidModelError(f"{path}: symbolic link points outside the model (to {path.resolve()})")
+
+
+def find_saved_models(root: Path) -> list[tuple[str | None, Path]]:
+    """The SavedModel at ``root`` itself, or every numbered version of a TF Serving base path (as AWS's tool)."""
+    if _is_saved_model(root):
+        return [(None, Path("."))]
+    versions = [path for _, path in _numbered_children(root) if path.is_dir()]
     if not versions:
-        raise InvalidModelError(
-            f"{root}: not a SavedModel (no {SAVED_MODEL}) nor a TF Serving base path (no numbered version folder)"
-        )
+        raise _not_a_model(root)
     for version in versions:
         if not (version / SAVED_MODEL).is_file():
             raise InvalidModelError(f"{version}: version folder without {SAVED_MODEL}")
     return [(v.name, Path(v.name)) for v in versions]
 
 
+def check_select_version(select_version: object) -> int | str:
+    """``"latest"``, or a version number given as a positive int or its decimal string."""
+    if select_version == LATEST:
+        return LATEST
+    version = select_version
+    if isinstance(version, str) and version.isascii() and version.isdigit():
+        version = int(version)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise UsageError(f"select_version must be 'latest' or a positive integer, got {select_version!r}")
+    return version
+
+
+def select_saved_model(root: Path, select_version: int | str) -> tuple[Path, int | None]:
+    """The SavedModel TF Serving would load from ``root`` for ``select_version`` (see check_select_version), and
+    its version number: None when ``root`` is a SavedModel itself.
+
+    Only the selected version is looked at: TF Serving never reads the others, so a broken older one is no concern.
+    """
+    if _is_saved_model(root):
+        if select_version != LATEST:
+            raise InvalidModelError(
+                f"{root}: a SavedModel ({SAVED_MODEL} directly inside), not a TF Serving base path, "
+                f"so there is no version {select_version}"
+            )
+        return root, None
+    numbered = _numbered_children(root)
+    if not numbered:
+        raise _not_a_model(root)
+    number = numbered[-1][0] if select_version == LATEST else int(select_version)
+    chosen = [path for n, path in numbered if n == number]
+    if not chosen:
+        present = ", ".join(p.name for _, p in numbered)
+        raise InvalidModelError(f"{root}: no version {number} (versions present: {present})")
+    if len(chosen) > 1:
+        raise InvalidModelError(f"{root}: {' and '.join(p.name for p in chosen)} name the same version {number}")
+    (path,) = chosen
+    if not (path.is_dir() and (path / SAVED_MODEL).is_file()):
+        raise InvalidModelError(
+            f"{path}: version {number} is not a SavedModel (expected a directory with {SAVED_MODEL} directly inside)"
+        )
+    _refuse_link_outside(path, root)
+    return path, number
+
+
 def _scan(root: Path, version: str | None, relative: Path, num_cores: int | None) -> _Model:
     pb = root / relative / SAVED_MODEL
-    if pb.is_symlink() and root.resolve() not in pb.resolve().parents:
-        # Reading through it would carry a file from elsewhere into the output.
-        raise InvalidModelError(f"{pb}: symbolic link points outside the model (to {pb.resolve()})")
+    _refuse_link_outside(pb, root)
     fingerprint = "present" if (root / relative / FINGERPRINT).exists() else "absent"
     report = ModelReport(path=str(root / relative), version=version, fingerprint=fingerprint)
     fd = os.open(pb, os.O_RDONLY)
@@ -71,23 +141,65 @@ def _scan(root: Path, version: str | None, relative: Path, num_cores: int | None
     return _Model(version, relative, report, plan)
 
 
-def _scan_all(root: Path, num_cores: int | None) -> list[_Model]:
+def _scan_all(
+    source: Path, num_cores: int | None, select_version: int | str | None
+) -> tuple[Path, int | None, list[_Model]]:
+    """The directory the output mirrors (``source``, or its selected version), that version, and its models."""
     try:
-        return [_scan(root, v, rel, num_cores) for v, rel in find_saved_models(root)]
+        if select_version is None:
+            root, version, found = source, None, find_saved_models(source)
+        else:
+            root, version = select_saved_model(source, select_version)
+            found = [(None if version is None else str(version), Path("."))]
+        return root, version, [_scan(root, v, rel, num_cores) for v, rel in found]
     except OSError as exc:
         raise describe_os_error(exc) from None
 
 
-def inspect_model(model_dir: str | os.PathLike[str]) -> RewriteReport:
-    """List every NeuronOp of a SavedModel (or of each version of a base path) without writing anything."""
-    root = Path(model_dir)
-    return RewriteReport(str(root), None, None, [m.report for m in _scan_all(root, None)])
+def inspect_model(model_dir: str | os.PathLike[str], *, select_version: str | int | None = None) -> RewriteReport:
+    """List every NeuronOp of a SavedModel (or of each version of a base path, or of the selected one) without
+    writing anything."""
+    if select_version is not None:
+        select_version = check_select_version(select_version)
+    source = Path(model_dir)
+    _, version, models = _scan_all(source, None, select_version)
+    return RewriteReport(str(source), None, None, [m.report for m in models], source_version=version)
 
 
 def check_num_cores(num_cores: object) -> int:
     if isinstance(num_cores, bool) or not isinstance(num_cores, int) or num_cores < 1:
         raise UsageError(f"num_cores must be an integer of at least 1, got {num_cores!r}")
     return num_cores
+
+
+class _PublishedMeanwhile(Exception):
+    """Not an error: a twin run published the same rewrite first, and its output stays."""
+
+    def __init__(self, report: RewriteReport) -> None:
+        self.report = report
+
+
+def _reuse(source: Path, target: Path, num_cores: int, rewrite_id: str | None, start: float) -> RewriteReport | None:
+    """The report of a reuse when ``target`` holds the complete output of rewrite ``rewrite_id``, else None."""
+    marker = None if rewrite_id is None else read_marker(target)
+    if marker is None or marker["rewriteId"] != rewrite_id or marker["numCores"] != num_cores:
+        return None
+    return RewriteReport(
+        str(source),
+        str(target),
+        num_cores,
+        source_version=marker["sourceVersion"],
+        rewrite_id=rewrite_id,
+        reused=True,
+        format_version=marker["formatVersion"],
+        bytes_written=marker["bytesWritten"],
+        seconds=_since(start),
+        neuron_op_count=marker["neuronOps"],
+    )
+
+
+def _since(start: float) -> float:
+    return round(time.monotonic() - start, 3)
 
 
 def rewrite_model(
@@ -99,35 +211,73 @@ def rewrite_model(
     allow_no_neuron_ops: bool = False,
     recompute_fingerprint: bool = False,
     fsync: bool = False,
+    select_version: str | int | None = None,
+    rewrite_id: str | None = None,
 ) -> RewriteReport:
     """Write a copy of ``model_dir`` whose every NeuronOp carries ``_automatic_multicore = num_cores``.
 
     Everything is checked before anything is written; the output then appears in one rename beside
     ``new_model_dir``, or not at all. The input is only ever opened for reading. ``fsync`` makes the output
     durable across a power loss before it is published (a process crash cannot half-write it either way).
+
+    ``select_version`` (``"latest"`` or a number) writes the one SavedModel TF Serving would load from a base path
+    into ``new_model_dir`` itself, instead of every version into numbered folders.
+
+    ``rewrite_id`` publishes a completion marker with the output. If ``new_model_dir`` already holds one for the
+    same ``rewrite_id`` and ``num_cores``, it is left untouched, even with ``force`` (pods may be serving it), and
+    the report says ``reused``: the source is not read at all, so it may be gone by then.
     """
+    start = time.monotonic()
     check_num_cores(num_cores)
-    root, target = Path(model_dir), Path(new_model_dir)
-    models = _scan_all(root, num_cores)
+    if select_version is not None:
+        select_version = check_select_version(select_version)
+    if rewrite_id is not None and (not isinstance(rewrite_id, str) or not rewrite_id):
+        raise UsageError(f"rewrite_id must be a non-empty string, got {rewrite_id!r}")
+    source, target = Path(model_dir), Path(new_model_dir)
+    reused = _reuse(source, target, num_cores, rewrite_id, start)
+    if reused is not None:
+        return reused
+    root, version, models = _scan_all(source, num_cores, select_version)
     for model in models:
         if not model.report.neuron_ops and not allow_no_neuron_ops:
             raise NotReplicableError(
                 f"{root / model.relative / SAVED_MODEL}: no NeuronOp found, the model is not compiled for Neuron "
                 "(pass --allow-no-neuron-ops to copy it unchanged)"
             )
-    check_output_location(root, target, force)
+    check_output_location(source, target, force)
+    report = RewriteReport(
+        str(source),
+        str(target),
+        num_cores,
+        [m.report for m in models],
+        source_version=version,
+        rewrite_id=rewrite_id,
+        format_version=FORMAT_VERSION,
+    )
     try:
-        with atomic_directory(target, force) as staging:
-            skip = {m.relative / name for m in models for name in (SAVED_MODEL, FINGERPRINT)}
+        with atomic_directory(target, force, fsync) as staging:
+            # A marker in the input vouches for the input, never for a copy of it.
+            names = (SAVED_MODEL, FINGERPRINT, MARKER_FILE)
+            skip = {Path(MARKER_FILE)} | {m.relative / name for m in models for name in names}
             copy_tree(root, staging, {p for p in skip if (root / p).exists()}, fsync)
             for model in models:
                 _write_model(root, staging, model, recompute_fingerprint, fsync)
+            report.bytes_written = tree_bytes(staging)
+            report.seconds = _since(start)
+            if rewrite_id is not None:
+                # A twin run (a Job's replacement pod) may have published the same rewrite while this one wrote.
+                earlier = _reuse(source, target, num_cores, rewrite_id, start)
+                if earlier is not None:
+                    raise _PublishedMeanwhile(earlier)
+                write_marker(staging, report, fsync)  # the last file: the output is complete once it exists
+    except _PublishedMeanwhile as published:
+        return published.report
     except OSError as exc:
         raise describe_os_error(exc) from None
     for model in models:  # report the output as it now is
         model.report.path = str(target / model.relative)
         model.report.neuron_ops = [replace(op, automatic_multicore=num_cores) for op in model.report.neuron_ops]
-    return RewriteReport(str(root), str(target), num_cores, [m.report for m in models])
+    return report
 
 
 def _write_model(root: Path, staging: Path, model: _Model, recompute_fingerprint: bool, fsync: bool) -> None:
