@@ -386,8 +386,7 @@ class Phase:
         helpers.wait_for(lambda: kubectl("get", "nm", "-A", check=False).returncode == 0, what="CRD established")
         host.view.create_namespace(NAMESPACE)
         self.env = helpers.Env(host.view, NAMESPACE, logs)
-        self.store = run.scratch / f"store-{logs.name}"
-        self.store.mkdir()
+        self.store = helpers.make_store(run.scratch / f"store-{logs.name}")
         self.env.hostpath_claim("model-store", self.store)
         self.env.hostpath_claim("model-source", run.source)
         self.config = OperatorConfig(rewrite_image=REWRITE_IMAGE)

@@ -13,11 +13,34 @@ There is no container runtime here, so the agent does what a node must for the p
   model base path holds a version whose NeuronOps are tagged for exactly the NeuronCores the pod requests, and then
   reports the pod Running and Ready; otherwise a waiting container with the reason, as a crash-looping server would.
 - IRSA: for a pod whose service account carries an IAM role annotation, the environment EKS's pod identity webhook
-  would inject (AWS_ROLE_ARN, AWS_WEB_IDENTITY_TOKEN_FILE), pointed at the endpoints in ``NodeAgent.aws_env``.
+  would inject (AWS_ROLE_ARN, AWS_WEB_IDENTITY_TOKEN_FILE, the cluster's region ``NodeAgent.aws_region`` as
+  AWS_REGION and AWS_DEFAULT_REGION), each pair only into a container that sets neither of its variables, as the
+  webhook does; pointed at the endpoints in ``NodeAgent.aws_env``.
 - Graceful deletion: SIGTERM, the grace period, SIGKILL, then the pod object is removed, as a kubelet does.
 
-Processes run as the agent's own user: the project's virtualenv lives where another user may not read it. The pod's
-securityContext (non-root and the rest) is what the operator's unit tests check; nothing here enforces it.
+Users and permissions are enforced, so that a pod fails here where it would fail on EKS (the agent needs root):
+
+- Each command runs (``setpriv``, after the mounts) as the container's runAsUser and runAsGroup (the container's
+  securityContext over the pod's), with the pod's fsGroup and supplementalGroups as supplementary groups, as the
+  kubelet asks the runtime. The agent cannot read an image, so every image counts as one that names no USER, which
+  the runtime runs as root: no runAsUser means uid 0, no runAsGroup gid 0 (a uid the image's /etc/passwd does not
+  list), and runAsNonRoot without runAsUser is refused as for such an image, like runAsNonRoot with runAsUser 0:
+  the container waits with CreateContainerConfigError and the kubelet's message, and never starts.
+- HOME and the default working directory stand for the container's root filesystem: with readOnlyRootFilesystem a
+  root-owned directory bind mounted read-only onto itself in the process's mount namespace (EROFS for every write,
+  root's too, as on a node), else a directory owned by the container's user.
+- A missing subPath is created as the kubelet's SafeMakeDir creates it: by root, with the mode of the volume's root,
+  so a non-root pod can write into it only if the volume's root lets it. emptyDir is 0777; configMap and secret
+  volumes are root-owned 0755 directories of 0644 files (the kubelet mounts them read-only).
+
+The deliberate leniency: the process keeps the capability CAP_DAC_READ_SEARCH (ambient), so it reads and traverses
+any file, while every write is permission-checked as on a node. The virtualenv and the tests' temporary directories
+(0700, maybe under /root) stand for an image's files and a node's volume roots, which the container's user could
+read on a real node; a write into a root-owned 0755 directory still fails with EACCES. Not enforced, so also more
+lenient than a node: the rest of the securityContext (capabilities, seccomp, allowPrivilegeEscalation), readOnly on
+volume mounts reached through path translation, and writes outside HOME and the mounts (the host's /tmp). Stricter:
+a PersistentVolume's pv.beta.kubernetes.io/gid annotation is not added to the supplementary groups as the kubelet
+adds it.
 
 Pod IPs come from SIMULATED_POD_CIDR for the API's sake only; nothing ever connects to them.
 """
@@ -31,6 +54,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -52,17 +76,26 @@ SIMULATED_POD_CIDR = "10.244.0.0/16"
 
 TERMINATION_TAIL_LINES = 80
 TERMINATION_MAX_BYTES = 2048  # what a kubelet keeps of the logs for FallbackToLogsOnError
+TERMINATION_MESSAGE_MAX_BYTES = 4096  # what a kubelet keeps of the termination message file
+DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 MAX_GRACE_SECONDS = 30
 SERVING_RECHECK_SECONDS = 2.0
 IRSA_ROLE_ANNOTATION = "eks.amazonaws.com/role-arn"
+# The pod identity webhook injects each pair only into a container that sets neither of its variables.
+IRSA_IDENTITY_VARS = frozenset({"AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"})
+IRSA_REGION_VARS = frozenset({"AWS_REGION", "AWS_DEFAULT_REGION"})
 # Read by clients at a fixed path, which no path translation reaches: bind mounted (see in_mount_namespace).
 BIND_MOUNT_PREFIX = "/var/run/secrets/"
 # Runs as ``sh -c SCRIPT sh HOST CONTAINER ro|rw ... -- ARGV``: mounts each triple, then becomes ARGV. ``mkdir -p``
-# creates a missing mount point on the host (an empty directory under /run, as a kubelet's runtime would).
+# creates a missing mount point on the host (an empty directory under /run, as a kubelet's runtime would). ``cd``
+# enters the working directory again through the new mounts: it may be one of them (a read-only root filesystem).
 _BIND_SCRIPT = (
     'while [ "$1" != -- ]; do mkdir -p "$2" && mount --bind "$1" "$2" || exit 126; '
-    'if [ "$3" = ro ]; then mount -o remount,bind,ro "$2" || exit 126; fi; shift 3; done; shift; exec "$@"'
+    'if [ "$3" = ro ]; then mount -o remount,bind,ro "$2" || exit 126; fi; shift 3; done; shift; '
+    'cd "$(pwd -P)" && exec "$@"'
 )
+# Kept by every container's process: reads and directory traversal unchecked, writes checked (the module docstring).
+KEPT_CAPABILITY = "+dac_read_search"
 
 
 def now() -> str:
@@ -71,6 +104,14 @@ def now() -> str:
 
 class VolumeNotReady(Exception):
     """A volume cannot be set up yet (for example a PVC not bound): the pod stays in ContainerCreating."""
+
+
+class ContainerConfigError(Exception):
+    """The kubelet cannot make the container's config (CreateContainerConfigError): the container never starts."""
+
+    def __init__(self, container: str, init: bool, message: str) -> None:
+        super().__init__(message)
+        self.container, self.init = container, init
 
 
 @dataclass
@@ -94,14 +135,75 @@ def translate(value: str, mounts: list[Mount]) -> str:
     return re.sub(pattern, lambda m: m[1] + hosts[m[2]], value)  # one pass: a host path is never re-translated
 
 
-def in_mount_namespace(argv: list[str], mounts: list[Mount]) -> list[str]:
-    """``argv`` wrapped to run in a private mount namespace with the mounts under /var/run/secrets bind mounted at
-    their container paths; unchanged when there are none, or when the agent is not root and so cannot mount."""
-    binds = [m for m in mounts if (m.container_path.rstrip("/") + "/").startswith(BIND_MOUNT_PREFIX)]
-    if not binds or os.geteuid() != 0:
+def in_mount_namespace(argv: list[str], binds: list[Mount]) -> list[str]:
+    """``argv`` wrapped to run in a private mount namespace with ``binds`` bind mounted at their container paths;
+    unchanged when there are none."""
+    if not binds:
         return argv
     triples = [x for m in binds for x in (str(m.host_path), m.container_path, "ro" if m.read_only else "rw")]
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", _BIND_SCRIPT, "sh", *triples, "--", *argv]
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The user, group and supplementary groups of a container's process."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+
+def _effective(pod: Any, container: Any, field: str) -> Any:
+    """A securityContext field as the kubelet takes it: the container's value, else the pod's, else None."""
+    for context in (container.security_context, pod.spec.security_context):
+        value = getattr(context, field) if context is not None else None
+        if value is not None:
+            return value
+    return None
+
+
+def run_as(pod: Any, container: Any) -> RunAs:
+    """What the kubelet asks the runtime for (kuberuntime determineEffectiveSecurityContext), for an image that names
+    no USER: uid 0 without runAsUser, gid 0 without runAsGroup; fsGroup, then supplementalGroups."""
+    context = pod.spec.security_context
+    groups: list[int] = []
+    if context is not None:
+        groups = ([context.fs_group] if context.fs_group is not None else []) + (context.supplemental_groups or [])
+    uid, gid = _effective(pod, container, "run_as_user"), _effective(pod, container, "run_as_group")
+    return RunAs(uid or 0, gid or 0, tuple(groups))
+
+
+def non_root_violation(pod: Any, container: Any) -> str | None:
+    """The kubelet's verifyRunAsNonRoot (pkg/kubelet/kuberuntime/security_context_others.go), its words included;
+    without runAsUser the image's user decides, and the agent takes every image to run as root."""
+    if not _effective(pod, container, "run_as_non_root"):
+        return None
+    meta = pod.metadata
+    where = f'(pod: "{meta.name}_{meta.namespace}({meta.uid})", container: {container.name})'
+    uid = _effective(pod, container, "run_as_user")
+    if uid is None:
+        return f"container has runAsNonRoot and image will run as root {where}"
+    return f"container's runAsUser breaks non-root policy {where}" if uid == 0 else None
+
+
+def as_user(argv: list[str], user: RunAs) -> list[str]:
+    """``argv`` wrapped to run as ``user`` (the agent is root), keeping only KEPT_CAPABILITY."""
+    groups = ["--groups", ",".join(map(str, user.groups))] if user.groups else ["--clear-groups"]
+    ids = ["--reuid", str(user.uid), "--regid", str(user.gid), *groups]
+    return ["setpriv", *ids, "--inh-caps", KEPT_CAPABILITY, "--ambient-caps", KEPT_CAPABILITY, "--", *argv]
+
+
+def make_subpath(volume_root: Path, sub_path: str) -> None:
+    """Create a missing subPath as the kubelet does (kubelet_pods.go makeMounts: the mode of the volume's root, for
+    pkg/volume/util/subpath doSafeMakeDir): each missing directory made by root (the agent, as the kubelet) with that
+    mode less the umask, the last one then given that mode exactly."""
+    perm = stat.S_IMODE(volume_root.stat().st_mode)
+    path = volume_root
+    for part in Path(sub_path).parts:
+        path = path / part
+        if not path.exists():
+            path.mkdir(mode=perm & 0o777)
+    path.chmod(perm)
 
 
 class Retrying:
@@ -157,6 +259,9 @@ class PodRunner(threading.Thread):
     def run(self) -> None:
         try:
             self._run()
+        except ContainerConfigError as exc:  # the kubelet retries with back-off, failing the same way, until deleted
+            log.info("pod=%s container=%s refused: %s", self.ref, exc.container, exc)
+            self._report_waiting(exc.container, "CreateContainerConfigError", str(exc), init=exc.init)
         except Exception as exc:  # a bug or an API failure must show up, not kill the agent silently
             log.exception("pod=%s agent failure: %s", self.ref, exc)
             with contextlib.suppress(Exception):  # as a kubelet reports a container it cannot create
@@ -219,7 +324,7 @@ class PodRunner(threading.Thread):
             elif volume.persistent_volume_claim:
                 out[volume.name] = self._claim_path(ns, volume.persistent_volume_claim.claim_name)
             elif volume.empty_dir is not None:
-                out[volume.name] = self._fresh_dir(volume.name)
+                out[volume.name] = self._fresh_dir(volume.name, 0o777)  # as the kubelet makes it: for any user
             elif volume.config_map:
                 data = self.core.read_namespaced_config_map(volume.config_map.name, ns).data or {}
                 out[volume.name] = self._write_files(volume.name, {k: v.encode() for k, v in data.items()})
@@ -229,7 +334,7 @@ class PodRunner(threading.Thread):
                 data = self.core.read_namespaced_secret(volume.secret.secret_name, ns).data or {}
                 out[volume.name] = self._write_files(volume.name, {k: base64.b64decode(v) for k, v in data.items()})
             else:
-                out[volume.name] = self._fresh_dir(volume.name)  # projected/downwardAPI: present, empty
+                out[volume.name] = self._fresh_dir(volume.name, 0o777)  # projected/downwardAPI: present, empty
         return out
 
     def _claim_path(self, namespace: str, claim: str) -> Path:
@@ -244,16 +349,18 @@ class PodRunner(threading.Thread):
             raise VolumeNotReady(f"persistentvolume {pv.metadata.name} is not a hostPath volume")
         return Path(pv.spec.host_path.path)
 
-    def _fresh_dir(self, name: str) -> Path:
+    def _fresh_dir(self, name: str, mode: int) -> Path:
         path = self.dir / "volumes" / name
         path.mkdir(parents=True, exist_ok=True)
-        path.chmod(0o777)  # emptyDir is writable by the pod's user, whoever it is
+        path.chmod(mode)
         return path
 
     def _write_files(self, name: str, files: dict[str, bytes]) -> Path:
-        path = self._fresh_dir(name)
+        """A configMap or secret volume: readable by any user, writable by none but root (mounted read-only)."""
+        path = self._fresh_dir(name, 0o755)
         for key, value in files.items():
             (path / key).write_bytes(value)
+            (path / key).chmod(0o644)
         return path
 
     def _mounts(self, container: Any, volumes: dict[str, Path]) -> list[Mount]:
@@ -261,16 +368,36 @@ class PodRunner(threading.Thread):
         for vm in container.volume_mounts or []:
             host = volumes[vm.name] / (vm.sub_path or "")
             if vm.sub_path and not host.exists():
-                host.mkdir(parents=True)  # the kubelet creates a missing subPath too
+                make_subpath(volumes[vm.name], vm.sub_path)
+                log.info("pod=%s volume=%s subpath=%s created", self.ref, vm.name, vm.sub_path)
             mounts.append(Mount(vm.mount_path, host, bool(vm.read_only)))
         return mounts
 
+    def _root_dir(self, container: Any, user: RunAs) -> Path:
+        """The directory standing for the container's root filesystem (its HOME and default working directory):
+        root's with readOnlyRootFilesystem (bind mounted read-only by ``_binds``), else the container's user's."""
+        path = self.dir / "rootfs" / container.name
+        path.mkdir(parents=True, exist_ok=True)
+        owner = (0, 0) if _read_only_root(container) else (user.uid, user.gid)
+        os.chown(path, *owner)
+        path.chmod(0o755)
+        return path
+
+    @staticmethod
+    def _binds(container: Any, mounts: list[Mount], root: Path) -> list[Mount]:
+        """What the process's own mount namespace needs: mounts read at a fixed path no translation reaches (under
+        /var/run/secrets), and a read-only root filesystem over itself."""
+        binds = [m for m in mounts if (m.container_path.rstrip("/") + "/").startswith(BIND_MOUNT_PREFIX)]
+        if _read_only_root(container):
+            binds.append(Mount(str(root), root, read_only=True))
+        return binds
+
     # Containers ------------------------------------------------------------------------------------------------
 
-    def _environment(self, container: Any, mounts: list[Mount]) -> dict[str, str]:
+    def _environment(self, container: Any, mounts: list[Mount], root: Path) -> dict[str, str]:
         env = {
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-            "HOME": str(self.dir),
+            "HOME": str(root),
             "HOSTNAME": self.pod.metadata.name,
             "KUBERNETES_SERVICE_HOST": self.agent.api_host,
             "KUBERNETES_SERVICE_PORT": str(self.agent.api_port),
@@ -281,7 +408,7 @@ class PodRunner(threading.Thread):
             "spec.nodeName": self.pod.spec.node_name,
             "status.podIP": self.pod_ip,
         }
-        env.update(self._web_identity())
+        env.update(self._web_identity(container))
         for var in container.env or []:
             if var.value is not None:
                 env[var.name] = translate(var.value, mounts)
@@ -289,9 +416,11 @@ class PodRunner(threading.Thread):
                 env[var.name] = fields.get(var.value_from.field_ref.field_path, "")
         return env
 
-    def _web_identity(self) -> dict[str, str]:
-        """What EKS's pod identity webhook injects for a service account annotated with an IAM role (IRSA), plus the
-        AWS endpoints the agent was given (a local S3 and STS in tests)."""
+    def _web_identity(self, container: Any) -> dict[str, str]:
+        """What EKS's pod identity webhook injects into ``container`` when the pod's service account is annotated with
+        an IAM role (IRSA), as its addEnvToContainer (pkg/handler/handler.go): the role and token file unless the
+        container sets either, the cluster's region unless it sets AWS_REGION or AWS_DEFAULT_REGION; plus the AWS
+        endpoints the agent was given (a local S3 and STS in tests)."""
         if self._irsa is None:
             account = self.pod.spec.service_account_name or "default"
             try:
@@ -304,46 +433,83 @@ class PodRunner(threading.Thread):
                 token = self.dir / "web-identity-token"
                 token.parent.mkdir(parents=True, exist_ok=True)
                 token.write_text(f"simulated-token-for-{account}")  # the local STS does not verify it
-                self._irsa = {"AWS_ROLE_ARN": role, "AWS_WEB_IDENTITY_TOKEN_FILE": str(token), **self.agent.aws_env}
-        return self._irsa
+                self._irsa = {"AWS_ROLE_ARN": role, "AWS_WEB_IDENTITY_TOKEN_FILE": str(token)}
+        if not self._irsa:
+            return {}
+        own = {var.name for var in container.env or []}
+        env = dict(self.agent.aws_env)
+        if not own & IRSA_IDENTITY_VARS:
+            env.update(self._irsa)
+        if not own & IRSA_REGION_VARS:
+            env.update(dict.fromkeys(IRSA_REGION_VARS, self.agent.aws_region))
+        return env
+
+    def _verify(self, container: Any, init: bool) -> None:
+        """What the kubelet checks before it asks the runtime for the container."""
+        problem = non_root_violation(self.pod, container)
+        if problem is not None:
+            raise ContainerConfigError(container.name, init, problem)
 
     def _run_container(
         self, container: Any, volumes: dict[str, Path], started: str, init: bool = False
     ) -> tuple[int, str]:
-        mounts = self._mounts(container, volumes)
-        argv = [translate(a, mounts) for a in [*(container.command or []), *(container.args or [])]]
+        self._verify(container, init)
         name = container.name
+        # The kubelet backs terminationMessagePath with a file of its own, writable by any user (0666).
+        termination = self.dir / f"{name}.termination-log"
+        termination.parent.mkdir(parents=True, exist_ok=True)
+        termination.write_bytes(b"")
+        termination.chmod(0o666)
+        message_path = container.termination_message_path or DEFAULT_TERMINATION_MESSAGE_PATH
+        mounts = [*self._mounts(container, volumes), Mount(message_path, termination, False)]
+        argv = [translate(a, mounts) for a in [*(container.command or []), *(container.args or [])]]
         if not container.command:
             return 128, "the node agent needs an explicit command: it cannot read an image's entrypoint"
-        if shutil.which(argv[0], path=self._environment(container, mounts)["PATH"]) is None:
+        user = run_as(self.pod, container)
+        root = self._root_dir(container, user)
+        env = self._environment(container, mounts, root)
+        if shutil.which(argv[0], path=env["PATH"]) is None:
             return 127, f"executable file not found in $PATH: {argv[0]}"
         logfile = self.dir / f"{name}.log"
         logfile.parent.mkdir(parents=True, exist_ok=True)
-        cwd = translate(container.working_dir, mounts) if container.working_dir else str(self.dir)
+        cwd = translate(container.working_dir, mounts) if container.working_dir else str(root)
         with logfile.open("wb") as out:
             self.process = subprocess.Popen(
-                in_mount_namespace(argv, mounts),
+                in_mount_namespace(as_user(argv, user), self._binds(container, mounts, root)),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=self._environment(container, mounts),
+                env=env,
                 cwd=cwd,
                 start_new_session=True,
             )
-        log.info("pod=%s container=%s started pid=%d argv=%s", self.ref, name, self.process.pid, argv[:1])
+        log.info(
+            "pod=%s container=%s started pid=%d uid=%d gid=%d groups=%s read_only_root=%s argv=%s",
+            self.ref,
+            name,
+            self.process.pid,
+            user.uid,
+            user.gid,
+            ",".join(map(str, user.groups)),
+            _read_only_root(container),
+            argv[:1],
+        )
         running = {name: {"running": {"startedAt": now()}}}
         self._report_phase("Pending" if init else "Running", started, running, init=init, ready=not init)
         code = self.process.wait()
         self.process = None
-        output = logfile.read_text(errors="replace")
+        # As the kubelet: the file's content (at most 4 KiB), else, by policy, the tail of a failed container's log.
+        message = termination.read_bytes()[:TERMINATION_MESSAGE_MAX_BYTES].decode(errors="replace")
         policy = container.termination_message_policy or "File"
-        message = tail(output) if (policy == "FallbackToLogsOnError" and code != 0) else ""
+        if not message.strip() and policy == "FallbackToLogsOnError" and code != 0:
+            message = tail(logfile.read_text(errors="replace"))
         log.info("pod=%s container=%s exited code=%d", self.ref, name, code)
         return code, message
 
     def _serve(self, container: Any, volumes: dict[str, Path], started: str) -> None:
+        self._verify(container, init=False)
         mounts = self._mounts(container, volumes)
-        env = self._environment(container, mounts)
+        env = self._environment(container, mounts, self._root_dir(container, run_as(self.pod, container)))
         cores = _requested_cores(container)
         last: str | None = "(not checked yet)"
         while not self.stopping.is_set():
@@ -374,8 +540,9 @@ class PodRunner(threading.Thread):
             state["message"] = message
         return {"terminated": state}
 
-    def _report_waiting(self, name: str, reason: str, message: str) -> None:
-        self._report_phase("Pending", None, {name: {"waiting": {"reason": reason, "message": message}}}, ready=False)
+    def _report_waiting(self, name: str, reason: str, message: str, *, init: bool = False) -> None:
+        waiting = {name: {"waiting": {"reason": reason, "message": message}}}
+        self._report_phase("Pending", None, waiting, init=init, ready=False)
 
     def _report_phase(
         self,
@@ -441,6 +608,10 @@ class PodRunner(threading.Thread):
             process.wait()
 
 
+def _read_only_root(container: Any) -> bool:
+    return bool(container.security_context and container.security_context.read_only_root_filesystem)
+
+
 def _requested_cores(container: Any) -> int | None:
     resources = container.resources
     for amounts in (resources and resources.limits, resources and resources.requests):
@@ -459,6 +630,7 @@ class NodeAgent:
         self.api_host = api_host  # the address the apiserver's serving certificate names
         self.host_ip = "10.0.0.1"
         self.aws_env: dict[str, str] = {}  # e.g. AWS_ENDPOINT_URL_STS/S3 of a local S3 server, for IRSA pods
+        self.aws_region = "us-west-2"  # the cluster's region, which the pod identity webhook injects into IRSA pods
         self.runners: dict[str, PodRunner] = {}
         self._deleting: set[str] = set()
         self._ips = itertools.count(2)
@@ -472,6 +644,8 @@ class NodeAgent:
         return f"10.244.{n // 250}.{n % 250 + 2}"
 
     def start(self) -> None:
+        if os.geteuid() != 0:  # as a kubelet: it runs containers as their users and mounts into their namespaces
+            raise PermissionError("the node agent needs root: it runs each container as its user (setpriv)")
         self._thread = threading.Thread(target=self._loop, daemon=True, name="node-agent")
         self._thread.start()
 

@@ -1,6 +1,7 @@
 """What a TensorFlow Serving container on Neuron needs before it can report the model loaded.
 
-The real server loads the newest numbered version under ``--model_base_path`` and the Neuron runtime places each
+The real server loads the newest numbered version under ``--model_base_path`` (``saved_model.pb`` directly inside
+it; the messages below are the server's own) and the Neuron runtime places each
 NeuronOp on the cores the pod was given. A NeuronOp tagged for another core count than the pod's
 ``aws.amazon.com/neuroncore`` would fail to load or waste cores, so the simulated server refuses it.
 """
@@ -43,12 +44,25 @@ def check_serving_container(
     if cores is None:
         return "the container requests no aws.amazon.com/neuroncore: the Neuron runtime has no core to load on"
     host = Path(to_host(base))
-    if not host.is_dir():
-        return f"model base path {base} does not exist"
-    versions = sorted((p for p in host.iterdir() if p.name.isdigit() and p.is_dir()), key=lambda p: int(p.name))
+    if not host.exists():
+        return (
+            f"Could not find base path {base} for servable {name} with error NOT_FOUND: {base}; "
+            "No such file or directory"
+        )
+    # Any child named as an integer is a version, file or folder; the newest one is loaded, and only it.
+    versions = sorted((p for p in host.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     if not versions:
-        return f"no versions of servable {name} found under base path {base}"
+        return (
+            f"No versions of servable {name} found under base path {base}. Did you forget to name your leaf "
+            "directory as a number (eg. '/1/')?"
+        )
     latest = versions[-1]
+    if not (latest / "saved_model.pb").is_file():  # directly inside: a base path nested in a version does not load
+        where = f"{base.rstrip('/')}/{latest.name}"
+        return (
+            f"failed to load servable {name} version {latest.name}: SavedModel file does not exist at: "
+            f"{where}/{{saved_model.pbtxt|saved_model.pb}}"
+        )
     ops = _neuron_ops(latest, _identity(latest))
     if isinstance(ops, str):
         return f"failed to load servable {name} version {latest.name}: {ops}"

@@ -6,6 +6,8 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from neuron_rewrite import FORMAT_VERSION
+
 from .config import OperatorConfig
 from .naming import SPEC_HASH_ANNOTATION, bounded, digest, job_name, labels, selector, serving_name
 
@@ -30,6 +32,8 @@ CONTAINER_SECURITY = {
 DEFAULT_STRATEGY = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
 SOURCE_DIR, STORE_DIR, MODELS_DIR = "/source", "/store", "/models"
 BATCHING_FILE = "/etc/tfserving/batching.config"
+TERMINATION_LOG = "/dev/termination-log"  # the container's termination message: the rewrite's report
+REWRITE_RESOURCES = {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
 DRAIN_SECONDS = 5  # how long a stopping serving pod keeps answering (preStop), well inside the 30 s grace period
 
 
@@ -60,6 +64,15 @@ class Model:
         return self.spec.get("serving") or {}
 
     @property
+    def source_version(self) -> int | None:
+        """The version folder of a base-path source to serve; None: the newest, or the source is a SavedModel."""
+        return self.spec["source"].get("version")
+
+    @property
+    def rewrite(self) -> dict[str, Any]:
+        return self.spec.get("rewrite") or {}
+
+    @property
     def cores(self) -> int:
         return int(self.spec["numCores"])
 
@@ -68,12 +81,13 @@ class Model:
         return (self.spec.get("store") or {}).get("path") or f"{self.namespace}/{self.name}"
 
     def rewrite_image(self, config: OperatorConfig) -> str:
-        return (self.spec.get("rewrite") or {}).get("image") or config.rewrite_image
+        return self.rewrite.get("image") or config.rewrite_image
 
-    def rewrite_id(self, config: OperatorConfig) -> str:
-        """Identity of the rewrite: what decides its output and where it lands, and nothing else (not replicas)."""
+    def rewrite_id(self) -> str:
+        """Identity of the rewrite: what decides its output bytes and where it lands, and nothing else. Not the
+        rewrite image: an operator upgrade re-runs rewrites only when the output format changes (FORMAT_VERSION)."""
         store = [self.spec["store"]["claimName"], self.store_path]
-        return digest([self.spec["source"], self.cores, self.version, self.rewrite_image(config), store])
+        return digest([self.spec["source"], self.cores, self.version, FORMAT_VERSION, store])
 
     def rewrite_path(self, rewrite_id: str) -> str:
         """Directory in the store whose only child is the version folder TF Serving loads."""
@@ -94,11 +108,26 @@ def _service_account(spec: dict[str, Any]) -> dict[str, Any]:
     return {"serviceAccountName": spec["serviceAccountName"]} if spec.get("serviceAccountName") else {}
 
 
+def _over(default: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
+    """The spec's fields over the operator's defaults, one level deep (a securityContext, resource amounts)."""
+    merged = copy.deepcopy(default)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **copy.deepcopy(value)}
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _placement(spec: dict[str, Any]) -> dict[str, Any]:
+    return {key: spec[key] for key in ("nodeSelector", "tolerations", "affinity") if spec.get(key)}
+
+
 def rewrite_job(model: Model, config: OperatorConfig) -> dict[str, Any]:
     """The Job that writes the model tagged for numCores into the store, as version ``model.version``."""
     spec = model.spec
-    rewrite = spec.get("rewrite") or {}
-    rewrite_id = model.rewrite_id(config)
+    rewrite = model.rewrite
+    rewrite_id = model.rewrite_id()
     image = model.rewrite_image(config)
     source = spec["source"]
     volumes: list[dict[str, Any]] = [
@@ -118,7 +147,9 @@ def rewrite_job(model: Model, config: OperatorConfig) -> dict[str, Any]:
         env = []
         if "s3" in source:
             if source["s3"].get("region"):
-                env.append({"name": "AWS_REGION", "value": source["s3"]["region"]})
+                # botocore reads AWS_DEFAULT_REGION, not AWS_REGION; set both, since both win over what EKS's pod
+                # identity webhook would inject (the cluster's region).
+                env += [{"name": n, "value": source["s3"]["region"]} for n in ("AWS_DEFAULT_REGION", "AWS_REGION")]
             if source["s3"].get("endpointUrl"):
                 env.append({"name": "AWS_ENDPOINT_URL_S3", "value": source["s3"]["endpointUrl"]})
         init_containers.append(
@@ -143,7 +174,14 @@ def rewrite_job(model: Model, config: OperatorConfig) -> dict[str, Any]:
             str(model.cores),
             "--new_model_dir",
             f"{STORE_DIR}/{model.rewrite_path(rewrite_id)}/{model.version}",
-            "--force",  # a retried Job replaces what an interrupted attempt published
+            # One SavedModel, published where TF Serving loads it, even from a base path with version folders.
+            "--select_version",
+            "latest" if model.source_version is None else str(model.source_version),
+            # Published once: a Job run again (deleted, retried) re-uses a complete output and never rewrites it.
+            "--rewrite_id",
+            rewrite_id,
+            "--report_file",
+            TERMINATION_LOG,
             "--fsync",
         ],
         "volumeMounts": [
@@ -155,7 +193,7 @@ def rewrite_job(model: Model, config: OperatorConfig) -> dict[str, Any]:
         "securityContext": CONTAINER_SECURITY,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         # The rewrite streams the model: its memory does not grow with the model's size.
-        "resources": {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+        "resources": _over(REWRITE_RESOURCES, rewrite.get("resources")),
     }
     pod_labels = labels(model.name, "rewrite") | {"serving.neuron.dev/rewrite": rewrite_id}
     return _with_hash(
@@ -171,10 +209,11 @@ def rewrite_job(model: Model, config: OperatorConfig) -> dict[str, Any]:
                     "spec": {
                         "restartPolicy": "Never",
                         "automountServiceAccountToken": False,  # it never calls the Kubernetes API
-                        "securityContext": POD_SECURITY,
+                        "securityContext": _over(POD_SECURITY, rewrite.get("podSecurityContext")),
                         "initContainers": init_containers,
                         "containers": [container],
                         "volumes": volumes,
+                        **_placement(rewrite),
                         **_service_account(spec),
                         **_pull_secrets(spec),
                     },
@@ -226,6 +265,9 @@ def serving_deployment(model: Model, config: OperatorConfig, rewrite_id: str) ->
         f"--rest_api_port={rest}",
         f"--model_name={model.model_name}",
         f"--model_base_path={base_path}",
+        # Every served base path is immutable (a new rewrite gets a new one and a rollout), so the server loads it
+        # once and never polls: nothing done to the store later can unload a model that serves.
+        "--file_system_poll_wait_seconds=0",
     ]
     mounts = [
         {"name": "models", "mountPath": base_path, "subPath": model.rewrite_path(rewrite_id), "readOnly": True},
@@ -272,13 +314,13 @@ def serving_deployment(model: Model, config: OperatorConfig, rewrite_id: str) ->
         # before the SIGTERM.
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(DRAIN_SECONDS)]}}},
         "volumeMounts": mounts,
-        "securityContext": CONTAINER_SECURITY,
+        "securityContext": _over(CONTAINER_SECURITY, serving.get("securityContext")),
     }
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,  # TF Serving never calls the Kubernetes API
         "containers": [container],
         "volumes": volumes,
-        "securityContext": POD_SECURITY,
+        "securityContext": _over(POD_SECURITY, serving.get("podSecurityContext")),
         "tolerations": list(spec.get("tolerations") or config.default_tolerations),
         **_service_account(spec),
         **_pull_secrets(spec),

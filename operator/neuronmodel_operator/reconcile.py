@@ -16,7 +16,6 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from .builders import (
-    REWRITE_ANNOTATION,
     Model,
     batching_config_map,
     rewrite_job,
@@ -136,10 +135,13 @@ def _apply(
     if observed is None:
         kopf.adopt(desired, owner=owner)  # owner reference: garbage collected with the model
         return api.create(desired) or slim(desired)
-    have = (observed["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
-    if have != desired["metadata"]["annotations"][SPEC_HASH_ANNOTATION]:
+    if _spec_hash(observed) != _spec_hash(desired):
         return api.replace(desired, observed)
     return observed
+
+
+def _spec_hash(obj: dict[str, Any]) -> str | None:
+    return (obj["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
 
 
 def retry_delay(retries: int) -> float:
@@ -182,25 +184,31 @@ def reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Oper
         validate(model.spec, config)
     except SpecError as exc:
         error = exc
+    published = False
     if error is None:
-        rewrite_id = model.rewrite_id(config)
+        rewrite_id = model.rewrite_id()
         job = children.jobs.get(job_name(model.name, rewrite_id))
         last = previous.get("rewrite") or {}
         retry.count = int(last.get("retries") or 0) if last.get("id") == rewrite_id else 0
-        if job is None:
-            job = _apply(api, body, rewrite_job(model, config), None)
-        elif job_outcome(job) == "Failed":
-            # The source may be repaired or uploaded in place: run the rewrite again after a growing back-off.
+        # The status is the durable record that this rewrite completed: its Job is only a means, and may be gone
+        # (a TTL, a clean-up script) without the rewrite running again.
+        published = last.get("id") == rewrite_id and bool(last.get("publishedAt"))
+        desired_job = rewrite_job(model, config)
+        if job is None and not published:
+            job = _apply(api, body, desired_job, None)
+        elif job is not None and job_outcome(job) == "Failed":
+            # The source may be repaired or uploaded in place: run the rewrite again after a growing back-off; at
+            # once when the Job itself was changed (its securityContext, say): that may well be the fix.
             due = _failed_at(job) + timedelta(seconds=retry_delay(retry.count))
             retry.wait = (due - datetime.now(timezone.utc)).total_seconds()
             retry.at = due.strftime("%Y-%m-%dT%H:%M:%SZ")
-            if retry.wait <= 0:
+            if retry.wait <= 0 or _spec_hash(job) != _spec_hash(desired_job):
                 api.delete_job(job, "failed")  # recreated by the next reconcile, under the same name
                 retry.count += 1
                 retry.wait = None
         served = children.deployment
-        served_id = ((served or {}).get("metadata", {}).get("annotations") or {}).get(REWRITE_ANNOTATION)
-        if job_outcome(job) == "Complete":
+        complete = published or job_outcome(job) == "Complete"
+        if complete:
             config_map = batching_config_map(model)
             if config_map is not None:  # before the Deployment whose pods mount it
                 _apply(api, body, config_map, children.config_map)
@@ -208,11 +216,8 @@ def reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Oper
         elif served is not None and served["spec"].get("replicas") != model.spec.get("replicas", 1):
             # A new rewrite is running: the pods keep serving the old one, only the replica count follows the spec.
             children.deployment = api.scale_deployment(served, model.spec.get("replicas", 1))
-        if served is not None or job_outcome(job) == "Complete":
+        if served is not None or complete:
             children.service = _apply(api, body, serving_service(model), children.service)
-        if served_id == rewrite_id and job_outcome(job) == "Complete":
-            for name in children.jobs.keys() - {job_name(model.name, rewrite_id)}:
-                api.delete_job(children.jobs[name], "superseded")  # once the new rewrite serves
     job_pods = [
         p
         for p in children.pods
@@ -221,8 +226,12 @@ def reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Oper
     serving_pods = [
         p for p in children.pods if (p["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "serving"
     ]
-    observed = Observed(job, job_pods, children.deployment, serving_pods, children.service)
+    observed = Observed(job, job_pods, children.deployment, serving_pods, children.service, published)
     status = compute_status(model, meta.get("generation", 1), rewrite_id, error, observed, previous, now(), retry)
+    if status["phase"] == "Ready":
+        # Only once the new rewrite serves in full: until then a revert must find the old rewrite's Job complete.
+        for name in children.jobs.keys() - {job_name(model.name, rewrite_id or "")}:
+            api.delete_job(children.jobs[name], "superseded")
     if without_none(status) == without_none({k: previous.get(k) for k in status}):
         return retry.wait
     since = api.own.seconds_since_status(key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +11,21 @@ from .naming import selector_string
 from .validation import SpecError
 
 REWRITE_SUCCEEDED, AVAILABLE, READY = "RewriteSucceeded", "Available", "Ready"
+# status.rewrite field -> key of the rewrite's report (tf-neuron-auto-multicore --report_file)
+REPORT_FIELDS = {
+    "sourceVersion": "sourceVersion",
+    "neuronOps": "neuronOps",
+    "bytesWritten": "bytesWritten",
+    "durationSeconds": "seconds",
+    "reused": "reused",
+}
 _SERVER_FAILURES = ("CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff", "CreateContainerError")
+STORE_PERMISSION_HINT = (
+    "the rewrite runs as spec.rewrite.podSecurityContext's runAsUser/runAsGroup (default 65532:65532) and "
+    "must be able to write to the store: make the store's directory writable by that user (an EFS access point's "
+    "uid/gid, the owner of an NFS export) or set spec.rewrite.podSecurityContext to its owner; fsGroup has no "
+    "effect on NFS or EFS"
+)
 
 
 @dataclass
@@ -22,6 +37,7 @@ class Observed:
     deployment: dict[str, Any] | None = None
     serving_pods: list[dict[str, Any]] = field(default_factory=list)
     service: dict[str, Any] | None = None
+    published: bool = False  # the status already records this rewrite as complete (its Job may be gone)
 
 
 @dataclass
@@ -41,27 +57,49 @@ def job_outcome(job: dict[str, Any] | None) -> str:
     return "Running"
 
 
+def _terminations(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The terminated states of the pods' containers, init containers first, newest pod first."""
+    states = []
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True):
+        pod_status = pod.get("status") or {}
+        for status in [*(pod_status.get("initContainerStatuses") or []), *(pod_status.get("containerStatuses") or [])]:
+            terminated = (status.get("state") or {}).get("terminated")
+            if terminated:
+                states.append(terminated)
+    return states
+
+
+def rewrite_report(pods: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the rewrite reported on success (its termination message: ``--report_file``), or {}."""
+    for terminated in _terminations(pods):
+        if terminated.get("exitCode") == 0:
+            try:
+                report = json.loads(terminated.get("message") or "")
+            except ValueError:
+                continue
+            if isinstance(report, dict):
+                return report
+    return {}
+
+
 def _failure_message(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
     """The rewrite's own error line (its pod's termination message), with the Job's reason."""
     failed = next(
         (c for c in job.get("status", {}).get("conditions") or [] if c.get("type") == "Failed"), {"reason": "Failed"}
     )
     detail = ""
-    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True):
-        pod_status = pod.get("status") or {}
-        statuses = [*(pod_status.get("initContainerStatuses") or []), *(pod_status.get("containerStatuses") or [])]
-        for status in statuses:
-            message = ((status.get("state") or {}).get("terminated") or {}).get("message") or ""
-            lines = [line for line in message.splitlines() if line.strip()]
-            errors = [line for line in lines if "error" in line.lower()]
-            if lines:
-                detail = (errors or lines)[-1].strip()
-                break
-        if detail:
+    for terminated in _terminations(pods):
+        lines = [line for line in (terminated.get("message") or "").splitlines() if line.strip()]
+        errors = [line for line in lines if "error" in line.lower()]
+        if lines:
+            detail = (errors or lines)[-1].strip()
             break
     reason = failed.get("reason") or "Failed"
     base = f"rewrite Job {job['metadata']['name']} failed ({reason})"
-    return f"{base}: {detail}" if detail else f"{base}: {failed.get('message', 'no message from the pod')}"
+    message = f"{base}: {detail}" if detail else f"{base}: {failed.get('message', 'no message from the pod')}"
+    if "Permission denied" in detail:
+        message += f"; {STORE_PERMISSION_HINT}"
+    return message
 
 
 def _pod_problem(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
@@ -80,6 +118,26 @@ def _pod_problem(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
                 message = waiting.get("message") or waiting["reason"]
                 return "ModelLoadFailed", f"pod {pod['metadata']['name']}: {waiting['reason']}: {message}"
     return None
+
+
+def _rewrite_facts(
+    previous: dict[str, Any], rewrite_id: str | None, outcome: str, pods: list[dict[str, Any]], now: str
+) -> dict[str, Any]:
+    """When the rewrite was published and what it did: from its report while its pod exists, else as recorded."""
+    last = previous.get("rewrite") or {}
+    kept = last if rewrite_id is not None and last.get("id") == rewrite_id else {}
+    if outcome != "Complete":
+        return {}
+    report = rewrite_report(pods)
+    facts = {"publishedAt": kept.get("publishedAt") or now}
+    for key, reported in REPORT_FIELDS.items():
+        facts[key] = report.get(reported, kept.get(key))
+    return facts
+
+
+def _from_source(facts: dict[str, Any]) -> str:
+    version = facts.get("sourceVersion")
+    return "" if version is None else f" (source version {version})"
 
 
 def _condition(kind: str, ok: bool | None, reason: str, message: str) -> dict[str, Any]:
@@ -103,16 +161,20 @@ def compute_status(
     dep_status = (deployment or {}).get("status") or {}
     annotations = ((deployment or {}).get("metadata") or {}).get("annotations") or {}
     served_id = annotations.get(REWRITE_ANNOTATION)
-    outcome = job_outcome(observed.job)
+    outcome = "Complete" if observed.published else job_outcome(observed.job)
+    facts = _rewrite_facts(previous, rewrite_id, outcome, observed.job_pods, now)
 
     if error is not None:
         rewrite = _condition(REWRITE_SUCCEEDED, None, error.reason, str(error))
     elif outcome == "Complete":
+        tagged = f"{facts['neuronOps']} NeuronOp(s)" if facts.get("neuronOps") is not None else "every NeuronOp"
+        reused = " (found already published in the store)" if facts.get("reused") else ""
         rewrite = _condition(
             REWRITE_SUCCEEDED,
             True,
             "RewriteSucceeded",
-            f"every NeuronOp tagged for {model.cores} NeuronCores, published as version {model.version}",
+            f"{tagged}{_from_source(facts)} tagged for {model.cores} NeuronCores, published as version "
+            f"{model.version}{reused}",
         )
     elif outcome == "Failed":
         message = _failure_message(observed.job or {}, observed.job_pods)
@@ -180,7 +242,8 @@ def compute_status(
             READY,
             True,
             "ModelServing",
-            f"{ready_replicas} of {desired} pod(s) serve version {model.version} on {model.cores} NeuronCores each",
+            f"{ready_replicas} of {desired} pod(s) serve version {model.version}{_from_source(facts)} on "
+            f"{model.cores} NeuronCores each",
         )
         phase = "Ready"
     elif outcome != "Complete":
@@ -238,6 +301,7 @@ def compute_status(
             "job": (observed.job or {}).get("metadata", {}).get("name"),
             "path": model.rewrite_path(rewrite_id) if rewrite_id else None,
             "retries": retry.count if retry is not None and retry.count else None,
+            **facts,
         },
         "endpoints": endpoints(model) if observed.service is not None and error is None else None,
     }

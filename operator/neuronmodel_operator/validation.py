@@ -7,7 +7,7 @@ from typing import Any
 from .config import OperatorConfig
 from .instances import INSTANCE_TYPE_LABELS, NEURONCORES_PER_NODE
 
-SOURCE_KINDS = ("pvc", "s3", "http")
+SOURCE_KINDS = ("pvc", "s3", "http")  # spec.source also holds ``version``, which applies to each
 
 
 class SpecError(ValueError):
@@ -44,6 +44,27 @@ def validate(spec: dict[str, Any], config: OperatorConfig) -> None:
             "InvalidSpec", "spec.rewrite.image: required, since the operator has no default rewrite image configured"
         )
     check_instance_capacity(spec)
+    for pod_field, container_field in (
+        ("serving.podSecurityContext", "serving.securityContext"),
+        ("rewrite.podSecurityContext", None),
+    ):
+        check_non_root(spec, pod_field, container_field)
+
+
+def check_non_root(spec: dict[str, Any], pod_field: str, container_field: str | None) -> None:
+    """Refuse uid 0 under the default runAsNonRoot: the kubelet would refuse to start the container
+    (CreateContainerConfigError), long after the apply succeeded."""
+    pod = _get(spec, pod_field) or {}
+    container = (_get(spec, container_field) if container_field else None) or {}
+    user_field = container_field if "runAsUser" in container else pod_field
+    user = container.get("runAsUser", pod.get("runAsUser"))
+    non_root = container.get("runAsNonRoot", pod.get("runAsNonRoot", True))
+    if user == 0 and non_root:
+        raise SpecError(
+            "InvalidSpec",
+            f"spec.{user_field}.runAsUser is 0 (root) but runAsNonRoot is true (the default): set "
+            f"spec.{pod_field}.runAsNonRoot to false to run as root, or choose a non-zero runAsUser",
+        )
 
 
 def check_instance_capacity(spec: dict[str, Any]) -> None:

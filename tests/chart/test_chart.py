@@ -358,9 +358,7 @@ class Release:
 @pytest.fixture
 def release(cluster: SimulatedCluster, namespace: str, tmp_path: Path) -> Iterator[Release]:
     env = Env(cluster, namespace, tmp_path)  # volumes and helpers only: the chart's pod is the operator
-    store = tmp_path / "store"
-    store.mkdir()
-    env.hostpath_claim("model-store", store)
+    env.hostpath_claim("model-store", _helpers.make_store(tmp_path / "store"))
     installed = Release(cluster, env, f"nmo-{namespace[-8:]}", free_port())  # the pod shares the host's network
     helm(
         "install", installed.name, str(CHART), "-n", namespace, "--wait", "--timeout", "3m",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,189 @@ def test_agent_reports_a_missing_executable(cluster: SimulatedCluster, namespace
     wait_for(lambda: core.read_namespaced_pod("missing", namespace).status.phase == "Failed", what="failure")
     state = core.read_namespaced_pod("missing", namespace).status.container_statuses[0].state.terminated
     assert state.exit_code == 127
+
+
+# What the rewrite Job's pod asks for (the operator's POD_SECURITY): non-root, fsGroup, no volume ownership change.
+NON_ROOT = {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532}
+IRSA_ROLE = "arn:aws:iam::111122223333:role/model-reader"
+
+
+def writable_by_all(path: Path) -> Path:
+    path.mkdir()
+    path.chmod(0o777)  # mkdir's mode goes through the umask
+    return path
+
+
+def with_volume(name: str, command: list[str], host: Path, mount: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    """A pod whose container mounts the hostPath ``host`` (``mount``: mountPath, subPath...) and reports its logs as
+    its termination message when it fails."""
+    container = {"terminationMessagePolicy": "FallbackToLogsOnError", "volumeMounts": [{"name": "v", **mount}]}
+    container.update(spec.pop("container", {}))
+    return pod(name, command, container=container, volumes=[{"name": "v", "hostPath": {"path": str(host)}}], **spec)
+
+
+def finished(core: client.CoreV1Api, namespace: str, name: str) -> Any:
+    """The container's terminated state once the pod has Succeeded or Failed."""
+
+    def done() -> Any:
+        found = core.read_namespaced_pod(name, namespace)
+        return found.status.phase in ("Succeeded", "Failed") and found.status.container_statuses[0].state.terminated
+
+    return wait_for(done, what=f"pod {name} to finish")
+
+
+def test_agent_runs_the_command_as_the_containers_user_and_groups(
+    cluster: SimulatedCluster, namespace: str, tmp_path: Path
+) -> None:
+    """The container's runAsUser over the pod's, runAsGroup, and fsGroup and supplementalGroups as supplementary
+    groups, as the kubelet asks the runtime. (The 0700 tmp_path above ``out`` is traversed: reads are lenient.)"""
+    core = client.CoreV1Api(cluster.api)
+    out = writable_by_all(tmp_path / "out")
+    security = {"runAsUser": 1111, "runAsGroup": 2345, "fsGroup": 4567, "supplementalGroups": [3456]}
+    spec = with_volume(
+        "ids",
+        ["sh", "-c", "{ id -u; id -g; id -G; } > /out/ids"],
+        out,
+        {"mountPath": "/out"},
+        container={"securityContext": {"runAsUser": 1234}},
+        securityContext=security,
+    )
+    core.create_namespaced_pod(namespace, spec)
+    assert finished(core, namespace, "ids").exit_code == 0
+    uid, gid, groups = (out / "ids").read_text().splitlines()
+    assert (uid, gid) == ("1234", "2345")
+    assert set(groups.split()) == {"2345", "3456", "4567"}
+    written = (out / "ids").stat()
+    assert (written.st_uid, written.st_gid) == (1234, 2345)
+
+
+def test_a_non_root_pod_cannot_write_into_a_root_owned_volume(
+    cluster: SimulatedCluster, namespace: str, tmp_path: Path
+) -> None:
+    """As on NFS, FSx or a static EFS volume whose root is root's: fsGroup changes nothing there, the write fails."""
+    core = client.CoreV1Api(cluster.api)
+    store = tmp_path / "store"
+    store.mkdir()
+    store.chmod(0o755)
+    command = ["sh", "-c", "mkdir /store/model"]
+    core.create_namespaced_pod(
+        namespace, with_volume("writer", command, store, {"mountPath": "/store"}, securityContext=NON_ROOT)
+    )
+    state = finished(core, namespace, "writer")
+    assert state.exit_code != 0 and "Permission denied" in state.message, state
+    assert not (store / "model").exists()
+
+
+def test_run_as_non_root_is_refused_as_the_kubelet_refuses_it(
+    cluster: SimulatedCluster, namespace: str, tmp_path: Path
+) -> None:
+    """runAsUser 0, and no runAsUser (the image's user: every image counts as running as root): the container waits
+    with CreateContainerConfigError and the kubelet's words (kuberuntime verifyRunAsNonRoot), and never starts."""
+    core = client.CoreV1Api(cluster.api)
+    out = writable_by_all(tmp_path / "out")
+    cases = {
+        "uid-zero": ({"runAsNonRoot": True, "runAsUser": 0}, "container's runAsUser breaks non-root policy"),
+        "image-user": ({"runAsNonRoot": True}, "container has runAsNonRoot and image will run as root"),
+    }
+    for name, (security, _) in cases.items():
+        command = ["sh", "-c", f"touch /out/{name}"]
+        spec = with_volume(name, command, out, {"mountPath": "/out"}, container={"securityContext": security})
+        core.create_namespaced_pod(namespace, spec)
+
+    def refused(name: str) -> Any:
+        statuses = core.read_namespaced_pod(name, namespace).status.container_statuses
+        waiting = statuses and statuses[0].state.waiting
+        return waiting and waiting.reason == "CreateContainerConfigError" and waiting
+
+    for name, (_, words) in cases.items():
+        waiting = wait_for(lambda name=name: refused(name), what=f"{name} refused")
+        found = core.read_namespaced_pod(name, namespace)
+        assert waiting.message == f'{words} (pod: "{name}_{namespace}({found.metadata.uid})", container: main)'
+        assert found.status.phase == "Pending"
+        assert not (out / name).exists()
+
+
+def test_a_missing_subpath_is_created_by_root_with_the_mode_of_the_volume_root(
+    cluster: SimulatedCluster, namespace: str, tmp_path: Path
+) -> None:
+    """The kubelet's SafeMakeDir: root-owned, the volume root's mode; a non-root pod writes there only if it may
+    write the volume's root."""
+    core = client.CoreV1Api(cluster.api)
+    roots = {"locked": 0o751, "open": 0o777}
+    for name, mode in roots.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name).chmod(mode)
+        mount = {"mountPath": "/data", "subPath": "team/model"}
+        command = ["sh", "-c", "touch /data/written"]
+        spec = with_volume(name, command, tmp_path / name, mount, securityContext=NON_ROOT)
+        core.create_namespaced_pod(namespace, spec)
+    for name, mode in roots.items():
+        state = finished(core, namespace, name)
+        created = tmp_path / name / "team" / "model"
+        for directory in (created, created.parent):
+            assert (directory.stat().st_uid, directory.stat().st_gid) == (0, 0), directory
+        assert stat.S_IMODE(created.stat().st_mode) == mode  # exactly, whatever the umask
+        if name == "locked":
+            assert state.exit_code != 0 and "Permission denied" in state.message, state
+        else:
+            assert state.exit_code == 0, state
+            assert (created / "written").stat().st_uid == 65532
+
+
+def test_read_only_root_filesystem_leaves_home_and_working_directory_unwritable(
+    cluster: SimulatedCluster, namespace: str
+) -> None:
+    """HOME and the working directory stand for the root filesystem: read-only (EROFS, for root too) with
+    readOnlyRootFilesystem, the container's user's without."""
+    core = client.CoreV1Api(cluster.api)
+    script = 'touch "$HOME/in-home"; home=$?; touch in-working-directory; exit $((home + $?))'
+    cases = {
+        "read-only": ({"readOnlyRootFilesystem": True}, NON_ROOT),
+        "read-only-root-user": ({"readOnlyRootFilesystem": True}, {}),
+        "writable": ({"readOnlyRootFilesystem": False}, NON_ROOT),
+    }
+    for name, (container_security, pod_security) in cases.items():
+        container = {"securityContext": container_security, "terminationMessagePolicy": "FallbackToLogsOnError"}
+        core.create_namespaced_pod(
+            namespace, pod(name, ["sh", "-c", script], container=container, securityContext=pod_security)
+        )
+    for name in ("read-only", "read-only-root-user"):
+        state = finished(core, namespace, name)
+        assert state.exit_code != 0 and state.message.count("Read-only file system") == 2, state
+    assert finished(core, namespace, "writable").exit_code == 0
+
+
+def test_irsa_pods_get_the_clusters_region_unless_they_set_one(
+    cluster: SimulatedCluster, namespace: str, tmp_path: Path
+) -> None:
+    """As EKS's pod identity webhook: AWS_REGION and AWS_DEFAULT_REGION only into a container that sets neither."""
+    core = client.CoreV1Api(cluster.api)
+    account = {"metadata": {"name": "reader", "annotations": {"eks.amazonaws.com/role-arn": IRSA_ROLE}}}
+    core.create_namespaced_service_account(namespace, account)
+    out = writable_by_all(tmp_path / "out")
+    cases = {
+        "plain": [],
+        "own-region": [{"name": "AWS_REGION", "value": "eu-west-1"}],
+        "own-default-region": [{"name": "AWS_DEFAULT_REGION", "value": "ap-south-1"}],
+    }
+    for name, env in cases.items():
+        command = ["sh", "-c", f'echo "$AWS_ROLE_ARN,$AWS_REGION,$AWS_DEFAULT_REGION" > /out/{name}']
+        spec = with_volume(
+            name,
+            command,
+            out,
+            {"mountPath": "/out"},
+            container={"env": env},
+            serviceAccountName="reader",
+            automountServiceAccountToken=False,  # no need to wait for the account's token
+        )
+        core.create_namespaced_pod(namespace, spec)
+    for name in cases:
+        assert finished(core, namespace, name).exit_code == 0
+    region = "us-west-2"  # NodeAgent.aws_region, by default the region of the tests' S3 (tests/operator/s3.py)
+    assert (out / "plain").read_text() == f"{IRSA_ROLE},{region},{region}\n"
+    assert (out / "own-region").read_text() == f"{IRSA_ROLE},eu-west-1,\n"
+    assert (out / "own-default-region").read_text() == f"{IRSA_ROLE},,ap-south-1\n"
 
 
 def serving_pod(name: str, base: Path, cores: int) -> dict[str, Any]:

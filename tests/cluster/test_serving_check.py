@@ -30,3 +30,21 @@ def test_a_version_replaced_in_place_is_checked_again(tmp_path: Path) -> None:
     assert "is tagged _automatic_multicore=1 but the pod has 2" in (check(base, 2) or "")
     (base / "1" / "saved_model.pb").write_bytes(b"\x0a\xff")  # edited in place into garbage
     assert (check(base, 1) or "").startswith("failed to load servable m version 1:")
+
+
+def test_only_the_newest_numbered_child_is_loaded_and_it_must_hold_the_savedmodel(tmp_path: Path) -> None:
+    compiled = write_model(tmp_path / "compiled", saved_model())
+    base = tmp_path / "base"
+    assert "Could not find base path /models/m for servable m" in (check(base, 2) or "")
+    base.mkdir()
+    assert "No versions of servable m found under base path /models/m" in (check(base, 2) or "")
+    # A TF Serving base path published as one version (what a base-path source copied whole would give).
+    rewrite_model(compiled, base / "1" / "1", 2)
+    assert check(base, 2) == (
+        "failed to load servable m version 1: SavedModel file does not exist at: "
+        "/models/m/1/{saved_model.pbtxt|saved_model.pb}"
+    )
+    rewrite_model(compiled, base / "2", 2)
+    assert check(base, 2) is None  # version 2 is the newest: version 1's layout no longer matters
+    (base / "3").write_text("a file named as a number is a version too")
+    assert "version 3: SavedModel file does not exist" in (check(base, 2) or "")

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 import yaml
 from kubernetes import client
 
+from localcluster import s3server
 from localcluster.pytest_plugin import wait_for
 from localcluster.simcluster import SimulatedCluster
 from neuron_modelgen import Options, build_model
@@ -22,6 +24,7 @@ from neuronmodel_operator.naming import MODEL_LABEL, model_label
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "neuronmodel.yaml"
 GROUP, VERSION, PLURAL = "serving.neuron.dev", "v1alpha1", "neuronmodels"
+REWRITE_IMAGE = "local/rewrite:test"  # the node agent runs the command: any image name will do
 
 
 @pytest.fixture(scope="session")
@@ -81,8 +84,8 @@ class Env:
                 what=f"claim {claim} bound",
             )
 
-    def _spawn_operator(self, log: Path, *args: str) -> subprocess.Popen:
-        env = dict(os.environ, KUBECONFIG=str(self.cluster.kubeconfig), NEURONMODEL_REWRITE_IMAGE="local/rewrite:test")
+    def _spawn_operator(self, log: Path, *args: str, rewrite_image: str = REWRITE_IMAGE) -> subprocess.Popen:
+        env = dict(os.environ, KUBECONFIG=str(self.cluster.kubeconfig), NEURONMODEL_REWRITE_IMAGE=rewrite_image)
         with log.open("ab") as out:
             return subprocess.Popen(
                 [sys.executable, "-m", "neuronmodel_operator", "-n", self.namespace, "--liveness", "", *args],
@@ -92,8 +95,9 @@ class Env:
                 start_new_session=True,
             )
 
-    def start_operator(self) -> None:
-        self.operator = self._spawn_operator(self.log, "--standalone")
+    def start_operator(self, rewrite_image: str = REWRITE_IMAGE) -> None:
+        """``rewrite_image``: the chart's default rewrite image, as a new operator release would change it."""
+        self.operator = self._spawn_operator(self.log, "--standalone", rewrite_image=rewrite_image)
 
     def start_replica(self, peering: str, priority: int) -> Path:
         """One more operator process in the peering ``peering``; returns its log file."""
@@ -147,12 +151,37 @@ class Env:
         return self.batch.list_namespaced_job(self.namespace).items
 
 
+STORE_UID = 65532  # the uid (and gid) the rewrite Job runs as
+
+
+def make_store(path: Path) -> Path:
+    """The store's root as an EFS access point (or an NFS export's root directory) presents it: owned by the uid the
+    rewrite Job runs as, since fsGroup does nothing there and the node agent, as a kubelet, enforces the Job's uid."""
+    path.mkdir()
+    os.chown(path, STORE_UID, STORE_UID)
+    return path
+
+
+@dataclass(frozen=True)
+class LocalS3:
+    endpoint: str
+    log: Path  # where the server records the requests it refused (s3.refusals)
+
+
+@pytest.fixture(scope="session")
+def local_s3(cluster: SimulatedCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
+    """A local S3 and STS; the node agent points IRSA pods at it, as the pod identity webhook points them at AWS."""
+    log = tmp_path_factory.mktemp("s3") / "s3.log"
+    with s3server.running(log) as endpoint:
+        assert cluster.agent is not None
+        cluster.agent.aws_env.update({"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ENDPOINT_URL_STS": endpoint})
+        yield LocalS3(endpoint, log)
+
+
 @pytest.fixture
 def env(cluster: SimulatedCluster, crd: None, namespace: str, tmp_path: Path) -> Iterator[Env]:
     environment = Env(cluster, namespace, tmp_path)
-    store = tmp_path / "store"
-    store.mkdir()
-    environment.hostpath_claim("model-store", store)
+    environment.hostpath_claim("model-store", make_store(tmp_path / "store"))
     environment.start_operator()
     yield environment
     environment.stop_operator()

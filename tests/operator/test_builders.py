@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from unit_helpers import DNS1123_LABEL, NAMESPACE, REWRITE_IMAGE, SERVING_IMAGE, make_model, make_spec
 
+from neuronmodel_operator import builders
 from neuronmodel_operator.builders import (
     NEURONCORE,
     Model,
@@ -44,7 +46,7 @@ def mount(obj: dict[str, Any], container_name: str, name: str) -> dict[str, Any]
 
 
 def deployment(model: Model, config: OperatorConfig = CONFIG) -> dict[str, Any]:
-    return serving_deployment(model, config, model.rewrite_id(config))
+    return serving_deployment(model, config, model.rewrite_id())
 
 
 # The rewrite Job
@@ -53,7 +55,7 @@ def deployment(model: Model, config: OperatorConfig = CONFIG) -> dict[str, Any]:
 def test_rewrite_job_for_a_pvc_source() -> None:
     model = make_model(numCores=4, model={"name": "resnet50", "version": 3})
     job = rewrite_job(model, CONFIG)
-    rewrite_id = model.rewrite_id(CONFIG)
+    rewrite_id = model.rewrite_id()
 
     assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job"
     assert job["metadata"]["name"] == job_name("resnet50", rewrite_id)
@@ -116,7 +118,9 @@ def test_rewrite_job_for_an_s3_source() -> None:
     assert [c["name"] for c in pod_spec(job)["initContainers"]] == ["fetch"]
     assert fetch["image"] == REWRITE_IMAGE
     assert fetch["command"] == ["neuron-model-fetch", "s3://models/resnet50/", "/source/model"]
+    # botocore reads AWS_DEFAULT_REGION (AWS_REGION alone would leave the webhook's region in force).
     assert fetch["env"] == [
+        {"name": "AWS_DEFAULT_REGION", "value": "us-west-2"},
         {"name": "AWS_REGION", "value": "us-west-2"},
         {"name": "AWS_ENDPOINT_URL_S3", "value": "https://minio.example.com"},
     ]
@@ -163,33 +167,38 @@ def test_rewrite_job_honours_backoff_and_deadline() -> None:
 
 
 def test_rewrite_id_ignores_what_does_not_change_the_rewritten_model() -> None:
-    base = make_model().rewrite_id(CONFIG)
-    assert make_model(replicas=7).rewrite_id(CONFIG) == base
-    assert make_model(serving={"image": "other/tfserving:2", "restPort": 9000}).rewrite_id(CONFIG) == base
-    assert make_model(tolerations=[{"key": "x", "operator": "Exists"}]).rewrite_id(CONFIG) == base
-    assert make_model(model={"name": "renamed", "version": 1}).rewrite_id(CONFIG) == base
-    assert make_model().rewrite_id(OperatorConfig(rewrite_image="unused/default:9")) == base
+    base = make_model().rewrite_id()
+    assert make_model(replicas=7).rewrite_id() == base
+    assert make_model(serving={"image": "other/tfserving:2", "restPort": 9000}).rewrite_id() == base
+    assert make_model(tolerations=[{"key": "x", "operator": "Exists"}]).rewrite_id() == base
+    assert make_model(model={"name": "renamed", "version": 1}).rewrite_id() == base
+    # The rewrite image is a means: a new one (an operator upgrade) writes the same bytes, so nothing re-runs.
+    assert make_model(rewrite={"image": "registry.example.com/neuron/rewrite:0.2.0"}).rewrite_id() == base
+    assert make_model(rewrite={"podSecurityContext": {"runAsUser": 1000}}).rewrite_id() == base
 
 
 def test_rewrite_id_follows_what_changes_the_rewritten_model() -> None:
-    base = make_model().rewrite_id(CONFIG)
+    base = make_model().rewrite_id()
     changed = {
         "numCores": make_model(numCores=4),
         "source": make_model(source={"pvc": {"claimName": "compiled-models", "path": "resnet50/v2"}}),
         "source kind": make_model(source={"s3": {"uri": "s3://models/resnet50/"}}),
         "version": make_model(model={"name": "resnet50", "version": 2}),
-        "rewrite image": make_model(rewrite={"image": "registry.example.com/neuron/rewrite:0.2.0"}),
+        "source version": make_model(source={"pvc": {"claimName": "compiled-models"}, "version": 3}),
         # A new store must receive its own copy: the old Job's output is not there.
         "store claim": make_model(store={"claimName": "other-store"}),
         "store path": make_model(store={"claimName": "model-store", "path": "team-a/resnet50"}),
     }
-    ids = {what: model.rewrite_id(CONFIG) for what, model in changed.items()}
+    ids = {what: model.rewrite_id() for what, model in changed.items()}
     for what, rewrite_id in ids.items():
         assert rewrite_id != base, what
     assert len(set(ids.values())) == len(ids)
-    # With no image in the spec, the operator's default is part of the identity.
-    bare = make_model(rewrite={})
-    assert bare.rewrite_id(OperatorConfig(rewrite_image="a:1")) != bare.rewrite_id(OperatorConfig(rewrite_image="a:2"))
+
+
+def test_rewrite_id_follows_the_rewrite_format_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = make_model().rewrite_id()
+    monkeypatch.setattr(builders, "FORMAT_VERSION", builders.FORMAT_VERSION + 1)
+    assert make_model().rewrite_id() != base
 
 
 def test_the_job_name_follows_the_rewrite_id() -> None:
@@ -227,7 +236,7 @@ def test_deployment_does_not_modify_the_spec_resources() -> None:
 
 def test_deployment_serves_the_rewrite_read_only() -> None:
     model = make_model(model={"name": "resnet", "version": 2})
-    rewrite_id = model.rewrite_id(CONFIG)
+    rewrite_id = model.rewrite_id()
     dep = serving_deployment(model, CONFIG, rewrite_id)
     server = container(dep, "tfserving")
     assert server["image"] == SERVING_IMAGE
@@ -237,6 +246,7 @@ def test_deployment_serves_the_rewrite_read_only() -> None:
         "--rest_api_port=8501",
         "--model_name=resnet",
         "--model_base_path=/models/resnet",
+        "--file_system_poll_wait_seconds=0",
     ]
     models = mount(dep, "tfserving", "models")
     assert models == {
@@ -516,3 +526,66 @@ def test_the_operator_default_serving_image_applies_when_the_spec_names_none() -
     assert container["image"] == "registry.example.com/tfserving-neuronx:1"
     assert container["command"] == ["tensorflow_model_server_neuronx"]
     assert serving_service(model)["spec"]["ports"][0]["port"] == 8500
+
+
+# The data path: one version published once, where TF Serving loads it
+
+
+def test_the_job_publishes_one_version_once_and_reports_on_its_termination_message() -> None:
+    model = make_model(numCores=4, model={"name": "resnet50", "version": 3})
+    command = container(rewrite_job(model, CONFIG), "rewrite")["command"]
+    flags = dict(zip(command[2::2], command[3::2], strict=False))
+    assert flags["--select_version"] == "latest"  # a base path serves its newest version
+    assert flags["--rewrite_id"] == model.rewrite_id()  # re-used, never rewritten, when already published
+    assert flags["--report_file"] == "/dev/termination-log"
+    assert "--force" not in command and command[-1] == "--fsync"
+
+    pinned = make_model(source={"pvc": {"claimName": "compiled-models", "path": "resnet50"}, "version": 7})
+    command = container(rewrite_job(pinned, CONFIG), "rewrite")["command"]
+    assert command[command.index("--select_version") + 1] == "7"
+
+
+def test_the_rewrite_pod_takes_the_specs_security_context_resources_and_placement() -> None:
+    toleration = {"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}
+    rewrite = {
+        "podSecurityContext": {"runAsUser": 1000, "runAsGroup": 1000, "supplementalGroups": [4242]},
+        "resources": {"limits": {"memory": "1Gi"}},
+        "nodeSelector": {"kubernetes.io/arch": "arm64"},
+        "tolerations": [toleration],
+        "affinity": {"nodeAffinity": {}},
+    }
+    spec = pod_spec(rewrite_job(make_model(rewrite=rewrite), CONFIG))
+    assert spec["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "fsGroup": 65532,
+        "supplementalGroups": [4242],
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert container(rewrite_job(make_model(rewrite=rewrite), CONFIG), "rewrite")["resources"] == {
+        "requests": {"cpu": "250m", "memory": "128Mi"},
+        "limits": {"memory": "1Gi"},
+    }
+    assert spec["nodeSelector"] == {"kubernetes.io/arch": "arm64"}
+    assert spec["tolerations"] == [toleration]
+    assert spec["affinity"] == {"nodeAffinity": {}}
+    # The serving pods' placement is their own.
+    assert "nodeSelector" not in pod_spec(deployment(make_model(rewrite=rewrite)))
+
+
+def test_the_serving_pods_take_the_specs_security_contexts() -> None:
+    serving = {
+        "image": SERVING_IMAGE,
+        "podSecurityContext": {"runAsUser": 0, "runAsNonRoot": False, "supplementalGroups": [990]},
+        "securityContext": {"readOnlyRootFilesystem": False, "capabilities": {"add": ["IPC_LOCK"]}},
+    }
+    obj = deployment(make_model(serving=serving))
+    pod = pod_spec(obj)["securityContext"]
+    assert (pod["runAsUser"], pod["runAsNonRoot"], pod["supplementalGroups"]) == (0, False, [990])
+    assert pod["seccompProfile"] == {"type": "RuntimeDefault"}  # what the spec does not set keeps its default
+    server = container(obj, "tfserving")["securityContext"]
+    assert server["readOnlyRootFilesystem"] is False and server["allowPrivilegeEscalation"] is False
+    assert server["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    # The spec is not modified by the merge.
+    assert serving["securityContext"] == {"readOnlyRootFilesystem": False, "capabilities": {"add": ["IPC_LOCK"]}}

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from s3 import moto_server, upload_tree
+from s3 import upload_tree
 
-from conftest import REPO, Env
-from localcluster.simcluster import SimulatedCluster
+from conftest import REPO, Env, LocalS3
+from localcluster.s3server import refusals
 
 pytestmark = pytest.mark.cluster
 EXAMPLES = REPO / "examples"
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint(cluster: SimulatedCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A local S3 and STS; the node agent points IRSA pods at it, as the pod identity webhook points them at AWS."""
-    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as endpoint:
-        assert cluster.agent is not None
-        cluster.agent.aws_env.update({"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ENDPOINT_URL_STS": endpoint})
-        yield endpoint
-
-
-def test_every_example_is_applied_and_goes_ready(env: Env, models: dict[str, Path], s3_endpoint: str) -> None:
+def test_every_example_is_applied_and_goes_ready(env: Env, models: dict[str, Path], local_s3: LocalS3) -> None:
     assert {p.name for p in EXAMPLES.glob("*.yaml")} == {
         "store-pvc.yaml",
         "resnet50-inf2.yaml",
@@ -34,7 +24,7 @@ def test_every_example_is_applied_and_goes_ready(env: Env, models: dict[str, Pat
     # The volumes a cluster admin (or the EFS CSI driver) provides behind the examples' claims.
     env.hostpath_claim("compiled-models", models["resnet50"].parent, storage_class="efs-sc", create_claim=False)
     env.hostpath_claim("neuron-model-store", env.tmp / "store", storage_class="efs-sc", create_claim=False)
-    upload_tree(s3_endpoint, "my-neuron-models", "resnet50/", models["resnet50"])
+    upload_tree(local_s3.endpoint, "my-neuron-models", "resnet50/", models["resnet50"])
 
     for example in ("store-pvc.yaml", "resnet50-inf2.yaml", "bert-trn1.yaml", "s3-irsa.yaml"):
         result = env.cluster.cluster.kubectl("apply", "-n", env.namespace, "-f", str(EXAMPLES / example), check=False)
@@ -59,3 +49,4 @@ def test_every_example_is_applied_and_goes_ready(env: Env, models: dict[str, Pat
     job = env.batch.read_namespaced_job(s3_model["rewrite"]["job"], env.namespace)
     assert [c.name for c in job.spec.template.spec.init_containers] == ["fetch"]
     assert job.spec.template.spec.service_account_name == "model-reader"
+    assert refusals(local_s3.log) == []  # every request signed for the bucket's region

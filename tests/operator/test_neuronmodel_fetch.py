@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from s3 import moto_server, upload_tree
+from s3 import REGION, clean_aws_env, moto_server, upload_tree
 
+from localcluster.s3server import REFUSED, refusals
 from neuronmodel_fetch.cli import main
 
 
@@ -95,19 +96,54 @@ def test_existing_dest_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "already exists" in capsys.readouterr().err
 
 
-def test_s3_prefix_is_downloaded_and_an_empty_prefix_is_an_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    with moto_server(tmp_path / "moto.log") as endpoint:
-        upload_tree(endpoint, "models", "bert/", make_model(tmp_path / "bert"))
+@pytest.fixture
+def s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    """(endpoint, log) of a local S3 the fetch reaches as the Job's container does: by the environment only."""
+    clean_aws_env(monkeypatch, tmp_path)
+    log = tmp_path / "s3.log"
+    with moto_server(log) as endpoint:
         for key, value in {
             "AWS_ENDPOINT_URL_S3": endpoint,
             "AWS_ACCESS_KEY_ID": "test",
             "AWS_SECRET_ACCESS_KEY": "test",
-            "AWS_REGION": "us-west-2",
         }.items():
             monkeypatch.setenv(key, value)
-        assert main(["s3://models/bert", str(tmp_path / "out")]) == 0
-        assert (tmp_path / "out" / "variables" / "variables.index").read_bytes() == b"index"
-        assert main(["s3://models/nothing-here/", str(tmp_path / "empty")]) == 1
-        assert "no object under this prefix" in capsys.readouterr().err
+        yield endpoint, log
+
+
+def test_s3_prefix_is_downloaded_and_an_empty_prefix_is_an_error(
+    s3: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    endpoint, _ = s3
+    upload_tree(endpoint, "models", "bert/", make_model(tmp_path / "bert"))
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    assert main(["s3://models/bert", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "variables" / "variables.index").read_bytes() == b"index"
+    assert main(["s3://models/nothing-here/", str(tmp_path / "empty")]) == 1
+    assert "no object under this prefix" in capsys.readouterr().err
+
+
+def test_s3_bucket_of_another_region_is_read_with_aws_default_region(
+    s3: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the operator sets from ``spec.source.s3.region``: every request is signed for the bucket's region."""
+    endpoint, log = s3
+    upload_tree(endpoint, "eu-models", "bert/", make_model(tmp_path / "bert"), region="eu-west-1")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    assert main(["s3://eu-models/bert/", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "saved_model.pb").read_bytes() == b"\x08\x01"
+    assert refusals(log) == []
+
+
+def test_s3_aws_region_alone_is_not_read_by_boto3(
+    s3: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """boto3 signs for us-east-1 and S3 refuses it; botocore then retries in the region S3's error names, so the
+    download succeeds, against AWS as here, one refused request later."""
+    endpoint, log = s3
+    upload_tree(endpoint, "eu-models", "bert/", make_model(tmp_path / "bert"), region="eu-west-1")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    assert main(["s3://eu-models/bert/", str(tmp_path / "out")]) == 0
+    assert refusals(log) == [
+        f"{REFUSED} GET /eu-models: signed for us-east-1, bucket in eu-west-1",
+    ]

@@ -38,11 +38,11 @@ def status_of(
     previous: dict[str, Any] | None = None,
     now: str = NOW,
 ) -> dict[str, Any]:
-    return compute_status(model, generation, model.rewrite_id(CONFIG), None, observed, previous or {}, now)
+    return compute_status(model, generation, model.rewrite_id(), None, observed, previous or {}, now)
 
 
 def complete_job(model: Model) -> dict[str, Any]:
-    return job_body(job_name(model.name, model.rewrite_id(CONFIG)), "Complete")
+    return job_body(job_name(model.name, model.rewrite_id()), "Complete")
 
 
 def test_job_outcome() -> None:
@@ -79,7 +79,7 @@ def test_a_spec_error_fails_the_model() -> None:
 
 def test_a_running_rewrite_is_rewriting() -> None:
     model = make_model(numCores=4)
-    name = job_name(model.name, model.rewrite_id(CONFIG))
+    name = job_name(model.name, model.rewrite_id())
     status = status_of(model, Observed(job=job_body(name)))
 
     assert status["phase"] == "Rewriting"
@@ -89,8 +89,8 @@ def test_a_running_rewrite_is_rewriting() -> None:
     assert ready["status"] == "False" and ready["reason"] == "RewriteRunning"
     assert conditions(status)["Available"]["reason"] == "NotDeployed"
     assert status["rewrite"]["job"] == name
-    assert status["rewrite"]["id"] == model.rewrite_id(CONFIG)
-    assert status["rewrite"]["path"] == f"{NAMESPACE}/resnet50/{model.rewrite_id(CONFIG)}"
+    assert status["rewrite"]["id"] == model.rewrite_id()
+    assert status["rewrite"]["path"] == f"{NAMESPACE}/resnet50/{model.rewrite_id()}"
     assert status["servedVersion"] is None and status["servedCores"] is None
 
 
@@ -103,7 +103,7 @@ def test_a_job_not_created_yet_is_rewriting() -> None:
 def test_a_new_rewrite_while_old_pods_serve_says_they_keep_serving() -> None:
     model = make_model(numCores=4)
     old = deployment_body("0ld0ld0ld0", cores=2)
-    status = status_of(model, Observed(job=job_body(job_name(model.name, model.rewrite_id(CONFIG))), deployment=old))
+    status = status_of(model, Observed(job=job_body(job_name(model.name, model.rewrite_id())), deployment=old))
     assert status["phase"] == "Rewriting"
     assert "keep serving the previous rewrite" in conditions(status)["Ready"]["message"]
     assert conditions(status)["Available"]["status"] == "True"
@@ -112,7 +112,7 @@ def test_a_new_rewrite_while_old_pods_serve_says_they_keep_serving() -> None:
 
 def test_a_failed_rewrite_reports_the_rewrite_error_line() -> None:
     model = make_model()
-    name = job_name(model.name, model.rewrite_id(CONFIG))
+    name = job_name(model.name, model.rewrite_id())
     message = (
         "tf-neuron-auto-multicore: reading /source/resnet50/neuron\n"
         f"{PIPELINE_ERROR}\n"
@@ -136,7 +136,7 @@ def test_a_failed_rewrite_reports_the_rewrite_error_line() -> None:
 
 def test_a_failed_rewrite_without_pods_uses_the_job_message() -> None:
     model = make_model()
-    name = job_name(model.name, model.rewrite_id(CONFIG))
+    name = job_name(model.name, model.rewrite_id())
     job = job_body(name, "Failed", reason="DeadlineExceeded", message="Job was active longer than specified deadline")
     status = status_of(model, Observed(job=job))
     assert status["phase"] == "Failed"
@@ -146,7 +146,7 @@ def test_a_failed_rewrite_without_pods_uses_the_job_message() -> None:
 
 def test_a_failed_rewrite_while_old_pods_serve_is_degraded() -> None:
     model = make_model(numCores=4)
-    name = job_name(model.name, model.rewrite_id(CONFIG))
+    name = job_name(model.name, model.rewrite_id())
     pods = [job_pod(name, "ccccc", "2025-05-01T10:02:00Z", PIPELINE_ERROR)]
     observed = Observed(job=job_body(name, "Failed"), job_pods=pods, deployment=deployment_body("0ld0ld0ld0"))
     status = status_of(model, observed)
@@ -157,7 +157,7 @@ def test_a_failed_rewrite_while_old_pods_serve_is_degraded() -> None:
 
 def test_a_fully_rolled_out_model_is_ready() -> None:
     model = make_model(numCores=2, replicas=3, model={"name": "resnet50", "version": 5})
-    rewrite_id = model.rewrite_id(CONFIG)
+    rewrite_id = model.rewrite_id()
     dep = deployment_body(
         rewrite_id,
         desired=3,
@@ -201,7 +201,7 @@ def test_served_values_come_from_the_deployment_annotations() -> None:
 
 def test_an_unrolled_deployment_is_not_ready_yet() -> None:
     model = make_model(replicas=2)
-    rewrite_id = model.rewrite_id(CONFIG)
+    rewrite_id = model.rewrite_id()
     fully = {"desired": 2, "replicas": 2, "ready": 2, "updated": 2, "available": 2}
     cases = {
         "old generation": deployment_body(rewrite_id, generation=3, observed_generation=2, **fully),
@@ -220,7 +220,7 @@ def test_an_unrolled_deployment_is_not_ready_yet() -> None:
 
 def test_an_unschedulable_serving_pod_is_pending_with_the_scheduler_message() -> None:
     model = make_model(numCores=2)
-    dep = deployment_body(model.rewrite_id(CONFIG), ready=0, updated=1, available=0)
+    dep = deployment_body(model.rewrite_id(), ready=0, updated=1, available=0)
     pod = serving_pod(
         "resnet50-7d9c8b6f5-x2x9k",
         scheduled={"status": "False", "reason": "Unschedulable", "message": UNSCHEDULABLE},
@@ -236,7 +236,7 @@ def test_an_unschedulable_serving_pod_is_pending_with_the_scheduler_message() ->
 
 def test_an_unschedulable_pod_while_others_serve_is_degraded() -> None:
     model = make_model(replicas=2)
-    dep = deployment_body(model.rewrite_id(CONFIG), desired=2, replicas=2, ready=1, updated=2, available=1)
+    dep = deployment_body(model.rewrite_id(), desired=2, replicas=2, ready=1, updated=2, available=1)
     pod = serving_pod("resnet50-7d9c8b6f5-b7k2m", scheduled={"status": "False", "message": UNSCHEDULABLE})
     status = status_of(model, Observed(job=complete_job(model), deployment=dep, serving_pods=[pod]))
     assert status["phase"] == "Degraded"
@@ -245,7 +245,7 @@ def test_an_unschedulable_pod_while_others_serve_is_degraded() -> None:
 
 def test_a_crash_looping_server_fails_the_model() -> None:
     model = make_model()
-    dep = deployment_body(model.rewrite_id(CONFIG), ready=0, updated=1, available=0)
+    dep = deployment_body(model.rewrite_id(), ready=0, updated=1, available=0)
     waiting = {
         "reason": "CrashLoopBackOff",
         "message": "back-off 2m40s restarting failed container=tfserving pod=resnet50-7d9c8b6f5-q8p4z",
@@ -261,7 +261,7 @@ def test_a_crash_looping_server_fails_the_model() -> None:
 
 def test_a_container_still_creating_is_not_a_failure() -> None:
     model = make_model()
-    dep = deployment_body(model.rewrite_id(CONFIG), ready=0, updated=1, available=0)
+    dep = deployment_body(model.rewrite_id(), ready=0, updated=1, available=0)
     pod = serving_pod("resnet50-7d9c8b6f5-q8p4z", waiting={"reason": "ContainerCreating"})
     status = status_of(model, Observed(job=complete_job(model), deployment=dep, serving_pods=[pod]))
     assert status["phase"] == "Deploying"
@@ -272,7 +272,7 @@ def test_available_during_a_new_rollout_is_deploying() -> None:
     model = make_model(replicas=2)
     # The new ReplicaSet has one of two pods; the old pods still answer.
     dep = deployment_body(
-        model.rewrite_id(CONFIG),
+        model.rewrite_id(),
         desired=2,
         generation=5,
         observed_generation=5,
@@ -293,7 +293,7 @@ def test_pods_lost_after_ready_are_degraded_until_replaced() -> None:
     model = make_model(replicas=2)
     served = {"phase": "Ready", "observedGeneration": 1}
     # A node went away with one pod: the Deployment's replacement is not ready yet, the other pod still serves.
-    dep = deployment_body(model.rewrite_id(CONFIG), desired=2, replicas=2, ready=1, updated=2, available=1)
+    dep = deployment_body(model.rewrite_id(), desired=2, replicas=2, ready=1, updated=2, available=1)
     status = status_of(model, Observed(job=complete_job(model), deployment=dep), previous=served)
     assert status["phase"] == "Degraded"
     ready = conditions(status)["Ready"]
@@ -303,7 +303,7 @@ def test_pods_lost_after_ready_are_degraded_until_replaced() -> None:
         status = status_of(model, Observed(job=complete_job(model), deployment=dep), previous=previous)
         assert status["phase"] == "Deploying", previous
     # With no pod left, it is not degraded but down: back to a rollout from nothing.
-    none_left = deployment_body(model.rewrite_id(CONFIG), desired=2, replicas=2, ready=0, updated=2, available=0)
+    none_left = deployment_body(model.rewrite_id(), desired=2, replicas=2, ready=0, updated=2, available=0)
     status = status_of(model, Observed(job=complete_job(model), deployment=none_left), previous=served)
     assert status["phase"] == "Deploying"
 
@@ -311,7 +311,7 @@ def test_pods_lost_after_ready_are_degraded_until_replaced() -> None:
 def test_progress_deadline_exceeded() -> None:
     model = make_model()
     stalled = [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]
-    dep = deployment_body(model.rewrite_id(CONFIG), ready=0, updated=1, available=0, extra_conditions=stalled)
+    dep = deployment_body(model.rewrite_id(), ready=0, updated=1, available=0, extra_conditions=stalled)
     status = status_of(model, Observed(job=complete_job(model), deployment=dep))
     assert status["phase"] == "Failed"
     assert conditions(status)["Ready"]["reason"] == "ProgressDeadlineExceeded"
@@ -319,7 +319,7 @@ def test_progress_deadline_exceeded() -> None:
 
 def test_last_transition_time_kept_while_unchanged_and_moved_when_it_flips() -> None:
     model = make_model()
-    name = job_name(model.name, model.rewrite_id(CONFIG))
+    name = job_name(model.name, model.rewrite_id())
     first = status_of(model, Observed(job=job_body(name)), now=EARLIER)
     assert {c["lastTransitionTime"] for c in first["conditions"]} == {EARLIER}
 
@@ -336,7 +336,7 @@ def test_last_transition_time_kept_while_unchanged_and_moved_when_it_flips() -> 
 
 def test_every_condition_carries_the_observed_generation() -> None:
     model = make_model()
-    name = job_name(model.name, model.rewrite_id(CONFIG))
+    name = job_name(model.name, model.rewrite_id())
     previous = status_of(model, Observed(job=job_body(name)), generation=1, now=EARLIER)
     status = status_of(model, Observed(job=job_body(name)), generation=7, previous=previous)
     assert status["observedGeneration"] == 7
@@ -347,7 +347,7 @@ def test_every_condition_carries_the_observed_generation() -> None:
 
 def test_a_rewrite_pod_that_cannot_schedule_is_pending_with_the_schedulers_reason() -> None:
     model = make_model()
-    rewrite_id = model.rewrite_id(CONFIG)
+    rewrite_id = model.rewrite_id()
     name = job_name(model.name, rewrite_id)
     pod = job_pod(name, "x1", "2025-05-01T10:00:06Z", "")
     pod["status"] = {
@@ -372,7 +372,7 @@ def test_a_rewrite_pod_that_cannot_schedule_is_pending_with_the_schedulers_reaso
 
 def test_a_failed_rewrite_names_its_next_retry() -> None:
     model = make_model()
-    rewrite_id = model.rewrite_id(CONFIG)
+    rewrite_id = model.rewrite_id()
     name = job_name(model.name, rewrite_id)
     job = job_body(name, "Failed", reason="BackoffLimitExceeded", message="Job has reached the specified backoff limit")
     retry = Retry(count=1, at="2025-05-01T10:05:00Z", wait=60.0)
@@ -381,3 +381,72 @@ def test_a_failed_rewrite_names_its_next_retry() -> None:
     rewrite = next(c for c in status["conditions"] if c["type"] == "RewriteSucceeded")
     assert rewrite["message"].endswith("; retry 2 at 2025-05-01T10:05:00Z")
     assert status["rewrite"]["retries"] == 1
+
+
+# What the rewrite published, recorded durably
+
+
+REPORT = (
+    '{"formatVersion": 1, "rewriteId": "x", "numCores": 2, "sourceVersion": 3, "neuronOps": 12, '
+    '"bytesWritten": 1048576, "seconds": 1.25, "reused": false, "output": "/store/x/1"}'
+)
+
+
+def succeeded_pod(job: str, report: str = REPORT) -> dict[str, Any]:
+    pod = job_pod(job, "abcde", EARLIER, report, exit_code=0)
+    pod["status"]["phase"] = "Succeeded"
+    return pod
+
+
+def test_the_rewrites_report_is_recorded_with_when_it_was_published() -> None:
+    model = make_model()
+    job = complete_job(model)
+    status = status_of(model, Observed(job=job, job_pods=[succeeded_pod(job["metadata"]["name"])]))
+    rewrite = status["rewrite"]
+    assert rewrite["publishedAt"] == NOW
+    assert (rewrite["sourceVersion"], rewrite["neuronOps"], rewrite["bytesWritten"]) == (3, 12, 1048576)
+    assert rewrite["durationSeconds"] == 1.25 and rewrite["reused"] is False
+    message = conditions(status)["RewriteSucceeded"]["message"]
+    assert message == "12 NeuronOp(s) (source version 3) tagged for 2 NeuronCores, published as version 1"
+
+
+def test_a_published_rewrite_stays_complete_when_its_job_and_pods_are_gone() -> None:
+    model = make_model()
+    job = complete_job(model)
+    first = status_of(model, Observed(job=job, job_pods=[succeeded_pod(job["metadata"]["name"])]))
+    later = status_of(model, Observed(job=None, published=True), previous=first, now="2025-05-01T11:00:00Z")
+    assert conditions(later)["RewriteSucceeded"]["status"] == "True"
+    assert later["phase"] != "Rewriting"
+    recorded = {k: v for k, v in first["rewrite"].items() if k != "job"}
+    assert {k: v for k, v in later["rewrite"].items() if k != "job"} == recorded  # publishedAt kept, not moved
+
+
+def test_facts_of_another_rewrite_are_not_carried_over() -> None:
+    model = make_model()
+    job = complete_job(model)
+    first = status_of(model, Observed(job=job, job_pods=[succeeded_pod(job["metadata"]["name"])]))
+    changed = make_model(numCores=4)
+    status = status_of(changed, Observed(job=None), previous=first)
+    assert status["rewrite"]["id"] == changed.rewrite_id()
+    assert "publishedAt" not in status["rewrite"] and "neuronOps" not in status["rewrite"]
+
+
+def test_a_reused_rewrite_says_so() -> None:
+    model = make_model()
+    job = complete_job(model)
+    pod = succeeded_pod(job["metadata"]["name"], REPORT.replace('"reused": false', '"reused": true'))
+    status = status_of(model, Observed(job=job, job_pods=[pod]))
+    assert status["rewrite"]["reused"] is True
+    assert conditions(status)["RewriteSucceeded"]["message"].endswith("(found already published in the store)")
+
+
+def test_a_store_the_rewrite_cannot_write_says_what_to_do() -> None:
+    model = make_model()
+    name = job_name(model.name, model.rewrite_id())
+    line = (
+        "tf-neuron-auto-multicore: error: /store/ns/m/abc/1: cannot create the directory /store/ns (Permission denied)"
+    )
+    observed = Observed(job=job_body(name, "Failed"), job_pods=[job_pod(name, "x1", EARLIER, line)])
+    message = conditions(status_of(model, observed))["RewriteSucceeded"]["message"]
+    assert line in message
+    assert "must be able to write to the store" in message and "spec.rewrite.podSecurityContext" in message

@@ -142,3 +142,37 @@ def test_affinity_term_that_pins_nothing_admits_any_node() -> None:
 def test_an_unknown_instance_type_is_not_refused() -> None:
     validate(make_spec(numCores=64, nodeSelector={INSTANCE_TYPE: "inf3.future"}), CONFIG)
     validate(make_spec(numCores=64, affinity=affinity("inf2.xlarge", "inf3.future")), CONFIG)
+
+
+def with_security(**sections: dict[str, Any]) -> dict[str, Any]:
+    """The default spec with fields added to its serving and rewrite sections."""
+    spec = make_spec()
+    for section, fields in sections.items():
+        spec[section].update(fields)
+    return spec
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        (with_security(serving={"podSecurityContext": {"runAsUser": 0}}), "spec.serving.podSecurityContext.runAsUser"),
+        (with_security(serving={"securityContext": {"runAsUser": 0}}), "spec.serving.securityContext.runAsUser"),
+        (with_security(rewrite={"podSecurityContext": {"runAsUser": 0}}), "spec.rewrite.podSecurityContext.runAsUser"),
+        (
+            with_security(
+                serving={
+                    "podSecurityContext": {"runAsUser": 0, "runAsNonRoot": False},
+                    "securityContext": {"runAsNonRoot": True},
+                }
+            ),
+            "spec.serving.podSecurityContext.runAsUser",
+        ),
+    ],
+)
+def test_root_under_the_default_non_root_policy_is_refused_naming_the_field(spec: dict, field: str) -> None:
+    assert str(spec_error(spec)).startswith(f"{field} is 0 (root) but runAsNonRoot is true")
+
+
+def test_root_is_accepted_once_run_as_non_root_is_turned_off() -> None:
+    root = {"podSecurityContext": {"runAsUser": 0, "runAsNonRoot": False}}
+    validate(with_security(serving=root, rewrite=root), CONFIG)

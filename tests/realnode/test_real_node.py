@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -295,3 +296,20 @@ def test_the_bert_example_with_batching_serves_a_tf1_model_on_eight_cores(deploy
     # Served as spec.model.name, with the example's batching parameters file, which the stand-in parsed.
     answer = first_answer(deployed.predict_url("bert", served_as="bert-base"), sample_input(3))
     assert np.allclose(answer, expected["y"], atol=1e-5)
+
+
+def test_a_tf_serving_base_path_source_serves_its_newest_version(deployed: Deployment) -> None:
+    # As AWS's TF Serving tutorials upload a model: numbered version folders under one base path.
+    base = deployed.sources / "tutorial"
+    for version in ("1", "2"):
+        shutil.copytree(deployed.sources / MODEL, base / version)
+    manifest = example_on_real_node((REPO / "examples" / "resnet50-inf2.yaml").read_text())
+    manifest["metadata"]["name"] = "tutorial"
+    manifest["spec"]["source"]["pvc"]["path"] = "tutorial"
+    manifest["spec"]["numCores"] = 1
+    deployed.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+    status = deployed.wait_status(lambda s: s.get("phase") == "Ready", "the base-path model Ready", name="tutorial")
+    assert status["rewrite"]["sourceVersion"] == 2
+    # The stand-in loads what TF Serving loads (saved_model.pb directly in the newest version folder) or nothing.
+    answer = first_answer(deployed.predict_url("tutorial", served_as="tutorial"), sample_input(3))
+    assert np.allclose(answer, deployed.expected["logits"], atol=1e-5)

@@ -1,0 +1,193 @@
+"""A local S3 and STS (IRSA's web identity) for tests and benchmarks: moto's server, as strict as AWS about regions.
+
+moto answers a request on a bucket whatever region it was signed for; S3 refuses one that is not signed for the
+bucket's region, and that difference is how a client configured for the wrong region slips through tests.
+``RegionCheck`` refuses such requests with S3's own error, so boto3 reacts to them as it does against AWS: its
+S3RegionRedirectorv2 sends the request again signed for the region the error names, and the call succeeds. A wrong
+region then costs one refused request per client and bucket; ``refusals`` reads them from the server's log.
+Requests that address no bucket (ListBuckets, STS, ``/moto-api``) and unsigned ones pass through unchanged; moto
+itself refuses a CreateBucket whose LocationConstraint is not the signing region (but us-east-1's), as S3 does.
+
+``python -m localcluster.s3server --port N`` serves on loopback; ``running(log)`` starts that as a subprocess.
+moto is imported in that process only: importing it adds its stub to botocore's handlers in the importing process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import secrets
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs
+from xml.sax.saxutils import escape
+
+from werkzeug.wrappers import Request
+
+from localcluster.cluster import free_port
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+# The credential scope of SigV4: ACCESS_KEY/DATE/REGION/SERVICE/aws4_request.
+SCOPE = re.compile(r"^[^/]+/\d{8}/(?P<region>[^/]+)/(?P<service>[^/]+)/aws4_request$")
+
+
+def signing_region(environ: WSGIEnvironment) -> tuple[str, bool] | None:
+    """The region an S3 request was signed for and whether it was presigned, or None when not signed with SigV4."""
+    authorization = environ.get("HTTP_AUTHORIZATION", "")
+    if authorization.startswith("AWS4-HMAC-SHA256 "):
+        fields = dict(
+            field.strip().partition("=")[::2] for field in authorization.removeprefix("AWS4-HMAC-SHA256 ").split(",")
+        )
+        scope, presigned = fields.get("Credential", ""), False
+    else:
+        scope, presigned = parse_qs(environ.get("QUERY_STRING", "")).get("X-Amz-Credential", [""])[0], True
+    match = SCOPE.match(scope)
+    if match is None or match["service"] != "s3":
+        return None
+    return match["region"], presigned
+
+
+def bucket_region(environ: WSGIEnvironment) -> str | None:
+    """The region of the existing bucket a request addresses (path or virtual-host style, as moto reads it): its
+    LocationConstraint, us-east-1 when it was created without one."""
+    from moto.s3.models import s3_backends
+    from moto.s3.responses import S3Response
+    from moto.s3.utils import bucket_name_from_url
+
+    request = Request(environ)  # reads headers only: the body stays for moto
+    if request.path.startswith("/moto-api"):
+        return None
+    if S3Response.subdomain_based_buckets(request):
+        bucket = bucket_name_from_url(request.url)
+    else:
+        bucket = request.path.lstrip("/").split("/", 1)[0]
+    owner = s3_backends.bucket_accounts.get(bucket or "")
+    if owner is None:
+        return None  # no such bucket: moto says so, as S3 does whatever the region
+    partition, account = owner
+    return s3_backends[account][partition].buckets[bucket].region_name
+
+
+def region_error(signed: str, expected: str, presigned: bool, head: bool) -> tuple[str, list[tuple[str, str]], bytes]:
+    """S3's answer to a request signed for another region than the bucket's, body and headers as AWS sends them.
+
+    The ``Region`` element and the ``x-amz-bucket-region`` header are what SDKs read to retry in the right region.
+    """
+    if presigned:
+        code = "AuthorizationQueryParametersError"
+        message = (
+            f"Error parsing the X-Amz-Credential parameter; the region '{signed}' is wrong; expecting '{expected}'"
+        )
+    else:
+        code = "AuthorizationHeaderMalformed"
+        message = f"The authorization header is malformed; the region '{signed}' is wrong; expecting '{expected}'"
+    request_id = secrets.token_hex(8).upper()
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{code}</Code><Message>{escape(message)}</Message><Region>{escape(expected)}</Region>"
+        f"<RequestId>{request_id}</RequestId><HostId>{secrets.token_urlsafe(48)}</HostId></Error>"
+    ).encode()
+    headers = [
+        ("x-amz-bucket-region", expected),
+        ("x-amz-request-id", request_id),
+        ("Content-Type", "application/xml"),
+        ("Server", "AmazonS3"),
+    ]
+    if head:  # S3 answers a HEAD with the status and headers only
+        body = b""
+    headers.append(("Content-Length", str(len(body))))
+    return "400 Bad Request", headers, body
+
+
+REFUSED = "region check refused"
+
+
+def refusals(log: Path) -> list[str]:
+    """The requests the server refused for their signing region, as its log (``running``'s) records them."""
+    return [line for line in log.read_text().splitlines() if line.startswith(REFUSED)]
+
+
+class RegionCheck:
+    """WSGI middleware: a request on a bucket must be signed for the bucket's region, as S3 requires."""
+
+    def __init__(self, app: WSGIApplication) -> None:
+        self.app = app
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        signed = signing_region(environ)
+        expected = bucket_region(environ) if signed else None
+        if signed is None or expected is None or signed[0] == expected:
+            return self.app(environ, start_response)
+        method = environ["REQUEST_METHOD"]
+        # One line per refusal in the server's log: a test reads them with ``refusals`` (boto3 retries some unseen).
+        print(
+            f"{REFUSED} {method} {environ.get('PATH_INFO', '')}: signed for {signed[0]}, bucket in {expected}",
+            file=sys.stderr,
+            flush=True,
+        )
+        status, headers, body = region_error(signed[0], expected, signed[1], method == "HEAD")
+        start_response(status, headers)
+        return [body]
+
+
+def make_app() -> WSGIApplication:
+    """moto's server app behind the region check; a layer that answers some requests itself instead of moto (ranged
+    GETs from the stored object, say) goes between the two, so that the check covers it too."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+
+    return RegionCheck(DomainDispatcherApplication(create_backend_app))
+
+
+def serve(host: str, port: int) -> None:
+    from moto.moto_server.werkzeug_app import MotoRequestHandler  # keeps S3 metadata headers with underscores
+    from werkzeug.serving import run_simple
+
+    run_simple(host, port, make_app(), threaded=True, request_handler=MotoRequestHandler)
+
+
+@contextmanager
+def running(log: Path, timeout: float = 30) -> Iterator[str]:
+    """The server in a subprocess, its output appended to ``log``: yields its endpoint URL.
+
+    Raises with the end of the log if the server exits or does not answer within ``timeout`` seconds.
+    """
+    port = free_port()
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "localcluster.s3server", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the local S3 did not start; its log:\n{log.read_text()[-4000:]}") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m localcluster.s3server", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    serve(args.host, args.port)
+
+
+if __name__ == "__main__":
+    main()
