@@ -348,6 +348,7 @@ def load_helpers() -> Any:
     spec = importlib.util.spec_from_file_location("operator_conftest", REPO / "tests" / "operator" / "conftest.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -447,13 +448,13 @@ class Phase:
     def serving(self, model: Any) -> dict[str, Any]:
         from neuronmodel_operator.builders import serving_deployment
 
-        return serving_deployment(model, self.config, model.rewrite_id(self.config))
+        return serving_deployment(model, self.config, model.rewrite_id())
 
 
 class BareDeployments(Phase):
     def prepare(self) -> None:
         for model in self.models.values():  # what the rewrite Job would have written
-            shutil.copytree(self.run.rewritten, self.store / model.rewrite_path(model.rewrite_id(self.config)) / "1")
+            shutil.copytree(self.run.rewritten, self.store / model.rewrite_path(model.rewrite_id()) / "1")
         self.ready_watch = ReadyWatch(self.host, ("apps", "v1", "deployments"), deployment_available)
 
     def create(self, name: str) -> None:

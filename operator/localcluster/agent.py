@@ -47,6 +47,7 @@ Pod IPs come from SIMULATED_POD_CIDR for the API's sake only; nothing ever conne
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import itertools
 import logging
@@ -329,8 +330,6 @@ class PodRunner(threading.Thread):
                 data = self.core.read_namespaced_config_map(volume.config_map.name, ns).data or {}
                 out[volume.name] = self._write_files(volume.name, {k: v.encode() for k, v in data.items()})
             elif volume.secret:
-                import base64
-
                 data = self.core.read_namespaced_secret(volume.secret.secret_name, ns).data or {}
                 out[volume.name] = self._write_files(volume.name, {k: base64.b64decode(v) for k, v in data.items()})
             else:
@@ -414,7 +413,35 @@ class PodRunner(threading.Thread):
                 env[var.name] = translate(var.value, mounts)
             elif var.value_from and var.value_from.field_ref:
                 env[var.name] = fields.get(var.value_from.field_ref.field_path, "")
+            elif var.value_from:
+                value = self._key_ref(container, var.value_from)
+                if value is not None:
+                    env[var.name] = value
         return env
+
+    def _key_ref(self, container: Any, source: Any) -> str | None:
+        """A secretKeyRef or configMapKeyRef value, read as the kubelet reads it; a missing object or key that is not
+        optional is a CreateContainerConfigError in the kubelet's words (makeEnvironmentVariables)."""
+        ref, kind = (
+            (source.secret_key_ref, "Secret") if source.secret_key_ref else (source.config_map_key_ref, "ConfigMap")
+        )
+        if ref is None:
+            return None
+        namespace = self.pod.metadata.namespace
+        read = self.core.read_namespaced_secret if kind == "Secret" else self.core.read_namespaced_config_map
+        try:
+            data = read(ref.name, namespace).data or {}
+        except ApiException as exc:
+            if exc.status != 404 or ref.optional:
+                raise
+            raise ContainerConfigError(container.name, False, f'{kind.lower()} "{ref.name}" not found') from None
+        if ref.key not in data:
+            if ref.optional:
+                return None
+            raise ContainerConfigError(
+                container.name, False, f"couldn't find key {ref.key} in {kind} {namespace}/{ref.name}"
+            )
+        return base64.b64decode(data[ref.key]).decode() if kind == "Secret" else data[ref.key]
 
     def _web_identity(self, container: Any) -> dict[str, str]:
         """What EKS's pod identity webhook injects into ``container`` when the pod's service account is annotated with
@@ -509,19 +536,25 @@ class PodRunner(threading.Thread):
     def _serve(self, container: Any, volumes: dict[str, Path], started: str) -> None:
         self._verify(container, init=False)
         mounts = self._mounts(container, volumes)
-        env = self._environment(container, mounts, self._root_dir(container, run_as(self.pod, container)))
+        root = self._root_dir(container, run_as(self.pod, container))
         cores = _requested_cores(container)
         last: str | None = "(not checked yet)"
         while not self.stopping.is_set():
-            problem = check_serving_container(container, env, cores, lambda p: translate(p, mounts))
+            reason = "CrashLoopBackOff"
+            try:  # the kubelet makes the environment again at every attempt: a Secret created later is found
+                env = self._environment(container, mounts, root)
+                problem = check_serving_container(container, env, cores, lambda p: translate(p, mounts))
+            except ContainerConfigError as exc:
+                reason, problem = "CreateContainerConfigError", str(exc)
             if problem != last:
                 if problem is None:
                     log.info("pod=%s serving model loaded cores=%s", self.ref, cores)
                     self._report_phase("Running", started, {container.name: {"running": {"startedAt": now()}}})
                 else:
-                    log.info("pod=%s serving check failed: %s", self.ref, problem)
-                    self.restart_counts[container.name] = self.restart_counts.get(container.name, 0) + 1
-                    state = {"waiting": {"reason": "CrashLoopBackOff", "message": problem}}
+                    log.info("pod=%s serving check failed: %s %s", self.ref, reason, problem)
+                    if reason == "CrashLoopBackOff":
+                        self.restart_counts[container.name] = self.restart_counts.get(container.name, 0) + 1
+                    state = {"waiting": {"reason": reason, "message": problem}}
                     self._report_phase("Running", started, {container.name: state}, ready=False)
                 last = problem
             self.stopping.wait(SERVING_RECHECK_SECONDS)

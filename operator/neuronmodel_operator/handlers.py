@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import threading
-from collections import defaultdict
 from typing import Any
 
 import kopf
@@ -19,30 +17,36 @@ import urllib3
 from kubernetes.client.rest import ApiException
 
 from .config import OperatorConfig
+from .crd import stale_crd_message
 from .naming import GROUP, MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL, model_label
 from .own_writes import ModelKey, slim
-from .reconcile import VERSION, Api, Children, reconcile
+from .reconcile import VERSION, Api, ChildRefused, Children, reconcile
+from .scheduling import KeyedLocks, Timers
 
 OWNED = {MANAGED_BY_LABEL: MANAGED_BY}
 REQUIRED_GROUPS = {GROUP, "apps", "batch"}
 RETRY_SECONDS, MAX_RETRY_SECONDS = 2, 60
 log = logging.getLogger("neuronmodel_operator")
 _state: dict[str, Any] = {}
-_timers: dict[ModelKey, threading.Timer] = {}
+_timers = Timers()
 # Reconciles of one model are serialised (child events arrive on several watch streams at once), and each reads
 # the indexes only once it holds the lock: a reconcile that waited must see what the one before it did.
-_locks: defaultdict[ModelKey, threading.Lock] = defaultdict(threading.Lock)
+_locks = KeyedLocks()
 
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
     settings.posting.level = logging.INFO
+    settings.posting.reporting_component = "neuronmodel-operator"  # `From` in kubectl describe, not "kopf"
     settings.watching.server_timeout = 300
     try:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()
     _wait_for_api_groups()
+    stale = stale_crd_message()
+    if stale is not None:
+        raise kopf.TemporaryError(stale, delay=10)  # not ready (the chart's probe fails) until the CRD is applied
     _state["config"] = OperatorConfig.from_env()
     _state["api"] = Api()
     logger.info("operator configured: rewrite image default %r", _state["config"].rewrite_image or "(none)")
@@ -110,7 +114,7 @@ def _reconcile_key(key: ModelKey, indexes: dict[str, kopf.Index], attempt: int =
     if "api" not in _state:
         return
     api: Api = _state["api"]
-    with _locks[key]:
+    with _locks.hold(key):
         models = list(indexes["models_index"].get(key, []))
         if not models:
             return
@@ -127,10 +131,11 @@ def _reconcile_key(key: ModelKey, indexes: dict[str, kopf.Index], attempt: int =
         )
         try:
             requeue = reconcile(models[0], children, api, _state["config"])
-        except (ApiException, OSError) as exc:
-            # Temporary (the API unreachable, a conflict): event handlers are not retried by Kopf, and no finalizer
-            # should hold a model for a timer, so retry here. A spec that cannot work is not an exception: it is
-            # reported in the status (permanent until the spec changes).
+        except (ApiException, OSError, urllib3.exceptions.HTTPError, ChildRefused) as exc:
+            # Temporary (the API unreachable, a conflict), or a child refused (told in the status; a quota may be
+            # raised, a foreign object removed): event handlers are not retried by Kopf, and no finalizer should
+            # hold a model for a timer, so retry here. A spec that cannot work is reported in the status, and
+            # retried when the spec changes.
             delay = min(RETRY_SECONDS * 2**attempt, MAX_RETRY_SECONDS)
             log.warning("reconcile of %s/%s failed (%s); retrying in %d s", key[0], key[1], exc, delay)
             _later(delay, key, indexes, attempt + 1)
@@ -143,13 +148,7 @@ def _later(delay: float, key: ModelKey, indexes: dict[str, kopf.Index], attempt:
     """One pending timer per model: a newer request replaces the older one."""
     # In a copy of the handler's context: Kopf's event posting (kopf.info/warn) reads its settings from it.
     context = contextvars.copy_context()
-    timer = threading.Timer(max(delay, 0.1), context.run, (_reconcile_key, key, indexes, attempt))
-    timer.daemon = True
-    previous = _timers.pop(key, None)
-    if previous is not None:
-        previous.cancel()
-    _timers[key] = timer
-    timer.start()
+    _timers.later(key, delay, context.run, _reconcile_key, key, indexes, attempt)
 
 
 @kopf.on.event(GROUP, VERSION, "neuronmodels")
@@ -158,17 +157,16 @@ def model_changed(type: str, namespace: str, name: str, **kwargs: Any) -> None:
     if type != "DELETED":
         _reconcile_key(key, kwargs)
         return
-    # Gone: nothing of it stays in memory (its children go with it, through their owner references).
-    timer = _timers.pop(key, None)
-    if timer is not None:
-        timer.cancel()
-    _locks.pop(key, None)
+    # Gone: nothing of it stays in memory (its children go with it, through their owner references; its lock
+    # with its last user).
+    _timers.cancel(key)
     if "api" in _state:
         _state["api"].own.forget(key)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=OWNED)
 @kopf.on.event("apps", "v1", "deployments", labels=OWNED)
+@kopf.on.event("v1", "configmaps", labels=OWNED)
 @kopf.on.event("v1", "services", labels=OWNED)
 @kopf.on.event("v1", "pods", labels=OWNED)
 def child_changed(namespace: str, labels: kopf.Labels, **kwargs: Any) -> None:

@@ -6,6 +6,7 @@ Reads come from the operator's in-memory indexes, so a reconcile with nothing to
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -14,6 +15,7 @@ from typing import Any
 import kopf
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+from pydantic import ValidationError
 
 from .builders import (
     Model,
@@ -25,11 +27,14 @@ from .builders import (
 from .config import OperatorConfig
 from .naming import GROUP, SPEC_HASH_ANNOTATION, job_name, model_label
 from .own_writes import OwnWrites, slim, without_none
-from .status import Observed, Retry, compute_status, job_outcome
+from .status import REPORT_FIELDS, Observed, Retry, compute_status, job_outcome
 from .validation import SpecError, validate
 
 VERSION, PLURAL = "v1alpha1", "neuronmodels"
 USER_AGENT = "neuronmodel-operator"
+# (connect, read) seconds of every API call: a hung connection must not hold a model's lock for ever; the call
+# fails, and the reconcile is retried with back-off.
+REQUEST_TIMEOUT = (5.0, 30.0)
 REWRITE_RETRY_SECONDS, MAX_REWRITE_RETRY_SECONDS = 30, 600
 # A status change that only moves counts (pods starting one by one) waits until this long after the last status
 # write, so a rollout of many pods costs a few writes, not one per pod event. Phase changes go out at once.
@@ -39,6 +44,44 @@ log = logging.getLogger("neuronmodel_operator")
 
 def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class ChildRefused(Exception):
+    """A child the operator cannot make as the spec stands: the API refused it (invalid, forbidden by RBAC or a
+    quota), or its name is taken by an object this model does not own. ``reason`` is the condition reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _refusal(exc: ApiException | ValidationError, verb: str, kind: str, name: str) -> Exception:
+    """The API's own words when it refused for good (retrying the same request cannot help), else ``exc``. The
+    client checks a body against the API's types before sending it: its refusal is told the same way."""
+    if isinstance(exc, ValidationError):
+        fields = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in exc.errors())
+        return ChildRefused("ChildRejected", f"the client refused to {verb} {kind} {name}: {fields}")
+    if exc.status not in (400, 403, 422):
+        return exc
+    try:
+        words = json.loads(exc.body or "{}").get("message") or exc.reason
+    except ValueError:
+        words = exc.body or exc.reason
+    return ChildRefused("ChildRejected", f"the API refused to {verb} {kind} {name}: {words}")
+
+
+def owned_by(obj: dict[str, Any], owner_uid: str) -> bool:
+    return any(ref.get("uid") == owner_uid for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+def _foreign(obj: dict[str, Any]) -> ChildRefused:
+    meta = obj["metadata"]
+    return ChildRefused(
+        "ChildConflict",
+        f"{obj['kind']} {meta['name']} already exists and does not belong to this NeuronModel: the operator "
+        "never adopts, changes or advertises an object it did not create; delete or rename it (its clients "
+        "can then use the one this model creates), or give the NeuronModel another name",
+    )
 
 
 class Children:
@@ -71,22 +114,29 @@ class Api:
         self.own.wrote(obj)
         return obj
 
-    def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
-        """The created object, or None when it was already there."""
-        ns, kind = obj["metadata"]["namespace"], obj["kind"]
-        create: Callable[..., Any] = {
-            "Job": self.batch.create_namespaced_job,
-            "Deployment": self.apps.create_namespaced_deployment,
-            "Service": self.core.create_namespaced_service,
-            "ConfigMap": self.core.create_namespaced_config_map,
-        }[kind]
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """The created object; the existing one when this model made it already (a restart, or the watch lagged
+        longer than OwnWrites waits). ChildRefused when the API refuses it or the name is someone else's."""
+        ns, kind, name = obj["metadata"]["namespace"], obj["kind"], obj["metadata"]["name"]
+        verbs = {
+            "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
+            "Deployment": (self.apps.create_namespaced_deployment, self.apps.read_namespaced_deployment),
+            "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
+            "ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
+        }
+        create, read = verbs[kind]
         try:
-            created = self._wrote(create(ns, obj))
+            created = self._wrote(create(ns, obj, _request_timeout=REQUEST_TIMEOUT))
+        except ValidationError as exc:
+            raise _refusal(exc, "create", kind, name) from exc
         except ApiException as exc:
-            if exc.status != 409:  # already there: a restart, or the watch lagged longer than OwnWrites waits
-                raise
-            return None
-        log.info("created %s %s/%s", kind, ns, obj["metadata"]["name"])
+            if exc.status != 409:
+                raise _refusal(exc, "create", kind, name) from exc
+            existing = slim(self._serialize(read(name, ns, _request_timeout=REQUEST_TIMEOUT)))
+            if not owned_by(existing, obj["metadata"]["ownerReferences"][0]["uid"]):
+                raise _foreign(existing) from exc
+            return existing
+        log.info("created %s %s/%s", kind, ns, name)
         return created
 
     def replace(self, obj: dict[str, Any], observed: dict[str, Any]) -> dict[str, Any]:
@@ -101,29 +151,42 @@ class Api:
             "Service": self.core.replace_namespaced_service,
             "ConfigMap": self.core.replace_namespaced_config_map,
         }[kind]
-        replaced = self._wrote(replace(name, ns, obj))
+        try:
+            replaced = self._wrote(replace(name, ns, obj, _request_timeout=REQUEST_TIMEOUT))
+        except (ApiException, ValidationError) as exc:
+            raise _refusal(exc, "update", kind, name) from exc
         log.info("updated %s %s/%s", kind, ns, name)
         return replaced
 
     def scale_deployment(self, observed: dict[str, Any], replicas: int) -> dict[str, Any]:
         meta = observed["metadata"]
         patch = {"spec": {"replicas": replicas}}
-        scaled = self._wrote(self.apps.patch_namespaced_deployment(meta["name"], meta["namespace"], patch))
+        scaled = self._wrote(
+            self.apps.patch_namespaced_deployment(
+                meta["name"], meta["namespace"], patch, _request_timeout=REQUEST_TIMEOUT
+            )
+        )
         log.info("scaled Deployment %s/%s to %d", meta["namespace"], meta["name"], replicas)
         return scaled
 
-    def delete_job(self, observed: dict[str, Any], why: str) -> None:
-        meta = observed["metadata"]
+    def delete(self, observed: dict[str, Any], why: str) -> None:
+        meta, kind = observed["metadata"], observed["kind"]
+        delete: Callable[..., Any] = {
+            "Job": self.batch.delete_namespaced_job,
+            "ConfigMap": self.core.delete_namespaced_config_map,
+        }[kind]
         try:
-            self.batch.delete_namespaced_job(meta["name"], meta["namespace"], propagation_policy="Background")
-            log.info("deleted %s Job %s/%s", why, meta["namespace"], meta["name"])
+            delete(meta["name"], meta["namespace"], propagation_policy="Background", _request_timeout=REQUEST_TIMEOUT)
+            log.info("deleted %s %s %s/%s", why, kind, meta["namespace"], meta["name"])
         except ApiException as exc:
             if exc.status != 404:
                 raise
         self.own.wrote(observed, deleted=True)
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": status}, _request_timeout=REQUEST_TIMEOUT
+        )
         self.own.wrote_status((namespace, model_label(name)), status)
 
 
@@ -134,7 +197,9 @@ def _apply(
     Returns the object as it now is, so the status written in the same reconcile already tells of it."""
     if observed is None:
         kopf.adopt(desired, owner=owner)  # owner reference: garbage collected with the model
-        return api.create(desired) or slim(desired)
+        return api.create(desired)
+    if not owned_by(observed, owner["metadata"]["uid"]):
+        raise _foreign(observed)  # labelled like ours (a copied manifest), made by someone else
     if _spec_hash(observed) != _spec_hash(desired):
         return api.replace(desired, observed)
     return observed
@@ -156,12 +221,14 @@ def _failed_at(job: dict[str, Any]) -> datetime:
 
 
 def _only_counts_moved(status: dict[str, Any], previous: dict[str, Any]) -> bool:
-    """Same phase, same conditions (type, status, reason), same fields: only pod counts and messages differ."""
+    """Same phase, same conditions (type, status, reason), same fields: only pod counts, messages and the rewrite's
+    report differ (its pod's event may trail the Job's by a moment: not worth a write of its own)."""
 
     def gist(value: dict[str, Any]) -> Any:
-        kept = {k: value.get(k) for k in status if k not in ("replicas", "readyReplicas", "conditions")}
+        kept = {k: value.get(k) for k in status if k not in ("replicas", "readyReplicas", "conditions", "rewrite")}
+        rewrite = {k: v for k, v in (value.get("rewrite") or {}).items() if k not in REPORT_FIELDS}
         conditions = [(c.get("type"), c.get("status"), c.get("reason")) for c in value.get("conditions") or []]
-        return without_none({**kept, "conditions": conditions})
+        return without_none({**kept, "rewrite": rewrite, "conditions": conditions})
 
     return gist(status) == gist(previous)
 
@@ -185,6 +252,7 @@ def reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Oper
     except SpecError as exc:
         error = exc
     published = False
+    refused: ChildRefused | None = None
     if error is None:
         rewrite_id = model.rewrite_id()
         job = children.jobs.get(job_name(model.name, rewrite_id))
@@ -193,31 +261,11 @@ def reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Oper
         # The status is the durable record that this rewrite completed: its Job is only a means, and may be gone
         # (a TTL, a clean-up script) without the rewrite running again.
         published = last.get("id") == rewrite_id and bool(last.get("publishedAt"))
-        desired_job = rewrite_job(model, config)
-        if job is None and not published:
-            job = _apply(api, body, desired_job, None)
-        elif job is not None and job_outcome(job) == "Failed":
-            # The source may be repaired or uploaded in place: run the rewrite again after a growing back-off; at
-            # once when the Job itself was changed (its securityContext, say): that may well be the fix.
-            due = _failed_at(job) + timedelta(seconds=retry_delay(retry.count))
-            retry.wait = (due - datetime.now(timezone.utc)).total_seconds()
-            retry.at = due.strftime("%Y-%m-%dT%H:%M:%SZ")
-            if retry.wait <= 0 or _spec_hash(job) != _spec_hash(desired_job):
-                api.delete_job(job, "failed")  # recreated by the next reconcile, under the same name
-                retry.count += 1
-                retry.wait = None
-        served = children.deployment
-        complete = published or job_outcome(job) == "Complete"
-        if complete:
-            config_map = batching_config_map(model)
-            if config_map is not None:  # before the Deployment whose pods mount it
-                _apply(api, body, config_map, children.config_map)
-            children.deployment = _apply(api, body, serving_deployment(model, config, rewrite_id), served)
-        elif served is not None and served["spec"].get("replicas") != model.spec.get("replicas", 1):
-            # A new rewrite is running: the pods keep serving the old one, only the replica count follows the spec.
-            children.deployment = api.scale_deployment(served, model.spec.get("replicas", 1))
-        if served is not None or complete:
-            children.service = _apply(api, body, serving_service(model), children.service)
+        try:
+            job = _run_rewrite(api, body, model, config, job, published, retry)
+            _serve(api, body, model, config, children, rewrite_id, published or job_outcome(job) == "Complete")
+        except ChildRefused as exc:
+            refused = exc
     job_pods = [
         p
         for p in children.pods
@@ -227,11 +275,75 @@ def reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Oper
         p for p in children.pods if (p["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "serving"
     ]
     observed = Observed(job, job_pods, children.deployment, serving_pods, children.service, published)
+    if refused is not None:
+        observed.refused = (refused.reason, str(refused))
     status = compute_status(model, meta.get("generation", 1), rewrite_id, error, observed, previous, now(), retry)
     if status["phase"] == "Ready":
-        # Only once the new rewrite serves in full: until then a revert must find the old rewrite's Job complete.
+        # Only once the new rewrite serves in full: until then a revert must find the old rewrite's Job complete,
+        # and a pod of the old rollout restarting must find the batching file it mounts.
         for name in children.jobs.keys() - {job_name(model.name, rewrite_id or "")}:
-            api.delete_job(children.jobs[name], "superseded")
+            api.delete(children.jobs[name], "superseded")
+        if children.config_map is not None and batching_config_map(model) is None:
+            api.delete(children.config_map, "unused")
+    requeue = _write_status(api, body, model, status, previous, retry)
+    if refused is not None:
+        raise refused  # told in the status; the caller retries with a growing back-off
+    return requeue
+
+
+def _run_rewrite(
+    api: Api,
+    body: kopf.Body | dict,
+    model: Model,
+    config: OperatorConfig,
+    job: dict[str, Any] | None,
+    published: bool,
+    retry: Retry,
+) -> dict[str, Any] | None:
+    """Create the rewrite's Job unless it is published; run a failed one again when due. Returns the Job."""
+    desired = rewrite_job(model, config)
+    if job is None and not published:
+        return _apply(api, body, desired, None)
+    if job is not None and job_outcome(job) == "Failed":
+        # The source may be repaired or uploaded in place: run the rewrite again after a growing back-off; at once
+        # when the Job itself was changed (its securityContext, say): that may well be the fix.
+        due = _failed_at(job) + timedelta(seconds=retry_delay(retry.count))
+        retry.wait = (due - datetime.now(timezone.utc)).total_seconds()
+        retry.at = due.strftime("%Y-%m-%dT%H:%M:%SZ")
+        if retry.wait <= 0 or _spec_hash(job) != _spec_hash(desired):
+            api.delete(job, "failed")  # recreated by the next reconcile, under the same name
+            retry.count += 1
+            retry.wait = None
+    return job
+
+
+def _serve(
+    api: Api,
+    body: kopf.Body | dict,
+    model: Model,
+    config: OperatorConfig,
+    children: Children,
+    rewrite_id: str,
+    complete: bool,
+) -> None:
+    """Serve the rewrite once complete; until then the pods keep serving the old one, at the spec's replica count."""
+    served = children.deployment
+    if complete:
+        config_map = batching_config_map(model)
+        if config_map is not None:  # before the Deployment whose pods mount it
+            _apply(api, body, config_map, children.config_map)
+        children.deployment = _apply(api, body, serving_deployment(model, config, rewrite_id), served)
+    elif served is not None and served["spec"].get("replicas") != model.spec.get("replicas", 1):
+        children.deployment = api.scale_deployment(served, model.spec.get("replicas", 1))
+    if served is not None or complete:
+        children.service = _apply(api, body, serving_service(model), children.service)
+
+
+def _write_status(
+    api: Api, body: kopf.Body | dict, model: Model, status: dict[str, Any], previous: dict[str, Any], retry: Retry
+) -> float | None:
+    """Write the status when it changed (counts held back a little), with an Event when the step changed."""
+    key = (model.namespace, model_label(model.name))
     if without_none(status) == without_none({k: previous.get(k) for k in status}):
         return retry.wait
     since = api.own.seconds_since_status(key)
@@ -239,9 +351,10 @@ def reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Oper
         hold = COUNTS_INTERVAL_SECONDS - since
         return hold if retry.wait is None else min(hold, retry.wait)
     api.patch_status(model.namespace, model.name, status)
-    if status["phase"] == previous.get("phase"):
-        return retry.wait
     ready = status["conditions"][-1]
+    before = {c.get("type"): c for c in previous.get("conditions") or []}.get("Ready") or {}
+    if (status["phase"], ready["reason"]) == (previous.get("phase"), before.get("reason")):
+        return retry.wait
     log.info(
         "model %s/%s phase %s -> %s: %s",
         model.namespace,

@@ -19,7 +19,18 @@ REPORT_FIELDS = {
     "durationSeconds": "seconds",
     "reused": "reused",
 }
-_SERVER_FAILURES = ("CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff", "CreateContainerError")
+# Waiting reasons of a container that will not clear by themselves (a kubelet retries, the cause stays), by the
+# condition reason that reports them. ContainerCreating and PodInitializing clear by themselves.
+_STUCK_REASONS = {
+    "CrashLoopBackOff": "ModelLoadFailed",
+    "RunContainerError": "ModelLoadFailed",
+    "ErrImagePull": "ImagePullFailed",
+    "ImagePullBackOff": "ImagePullFailed",
+    "InvalidImageName": "ImagePullFailed",
+    "ErrImageNeverPull": "ImagePullFailed",
+    "CreateContainerConfigError": "ContainerConfigInvalid",
+    "CreateContainerError": "ContainerConfigInvalid",
+}
 STORE_PERMISSION_HINT = (
     "the rewrite runs as spec.rewrite.podSecurityContext's runAsUser/runAsGroup (default 65532:65532) and "
     "must be able to write to the store: make the store's directory writable by that user (an EFS access point's "
@@ -38,6 +49,7 @@ class Observed:
     serving_pods: list[dict[str, Any]] = field(default_factory=list)
     service: dict[str, Any] | None = None
     published: bool = False  # the status already records this rewrite as complete (its Job may be gone)
+    refused: tuple[str, str] | None = None  # (reason, message): a child the API refused, or a foreign object
 
 
 @dataclass
@@ -112,11 +124,14 @@ def _pod_problem(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
                     f"pod {pod['metadata']['name']} cannot be scheduled: {condition.get('message', '')}",
                 )
     for pod in pods:
-        for status in pod.get("status", {}).get("containerStatuses") or []:
+        pod_status = pod.get("status") or {}
+        for status in [*(pod_status.get("initContainerStatuses") or []), *(pod_status.get("containerStatuses") or [])]:
             waiting = (status.get("state") or {}).get("waiting") or {}
-            if waiting.get("reason") in _SERVER_FAILURES:
+            reason = _STUCK_REASONS.get(waiting.get("reason", ""))
+            if reason is not None:
                 message = waiting.get("message") or waiting["reason"]
-                return "ModelLoadFailed", f"pod {pod['metadata']['name']}: {waiting['reason']}: {message}"
+                where = f"pod {pod['metadata']['name']} container {status.get('name')}"
+                return reason, f"{where}: {waiting['reason']}: {message}"
     return None
 
 
@@ -183,9 +198,15 @@ def compute_status(
         rewrite = _condition(REWRITE_SUCCEEDED, False, "RewriteFailed", message)
     else:
         job = (observed.job or {}).get("metadata", {}).get("name", "(creating)")
-        stuck = _pod_problem(observed.job_pods)  # e.g. its source claim does not exist, so it cannot schedule
+        # Its source claim does not exist (cannot schedule), its image cannot be pulled, a Secret it reads is missing.
+        stuck = _pod_problem(observed.job_pods)
         rewrite = (
-            _condition(REWRITE_SUCCEEDED, False, "RewritePending", f"rewrite Job {job}: {stuck[1]}")
+            _condition(
+                REWRITE_SUCCEEDED,
+                False,
+                "RewritePending" if stuck[0] == "Unschedulable" else "RewriteBlocked",
+                f"rewrite Job {job}: {stuck[1]}",
+            )
             if stuck is not None
             else _condition(
                 REWRITE_SUCCEEDED,
@@ -196,15 +217,14 @@ def compute_status(
         )
 
     available_replicas = dep_status.get("availableReplicas") or 0
-    dep_available = any(
-        c.get("type") == "Available" and c.get("status") == "True" for c in dep_status.get("conditions") or []
-    )
     if deployment is None:
         available = _condition(AVAILABLE, False, "NotDeployed", "no serving pods yet: waiting for the rewrite")
-    elif available_replicas > 0 or (dep_available and desired == 0):
+    elif available_replicas > 0:
         available = _condition(
             AVAILABLE, True, "MinimumReplicasAvailable", f"{available_replicas} serving pod(s) have the model loaded"
         )
+    elif desired == 0:
+        available = _condition(AVAILABLE, False, "ScaledToZero", "spec.replicas is 0: no pod serves the model")
     else:
         available = _condition(AVAILABLE, False, "NoReplicasAvailable", "no serving pod has the model loaded")
 
@@ -231,12 +251,27 @@ def compute_status(
         c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded"
         for c in dep_status.get("conditions") or []
     )
+    serving = available["status"] == "True"
     if error is not None:
-        ready = _condition(READY, False, error.reason, str(error))
-        phase = "Failed"
+        # The pods of the last good spec keep serving it: degraded, as a failed rewrite in the same situation.
+        keep = " (the current pods keep serving the previous spec)" if serving else ""
+        ready = _condition(READY, False, error.reason, str(error) + keep)
+        phase = "Degraded" if serving else "Failed"
+    elif observed.refused is not None:
+        ready = _condition(READY, False, *observed.refused)
+        phase = "Degraded" if serving else "Failed"
     elif outcome == "Failed":
         ready = _condition(READY, False, "RewriteFailed", rewrite["message"])
-        phase = "Degraded" if available["status"] == "True" else "Failed"
+        phase = "Degraded" if serving else "Failed"
+    elif current_rollout and outcome == "Complete" and desired == 0:
+        ready = _condition(
+            READY,
+            False,
+            "ScaledToZero",
+            f"version {model.version}{_from_source(facts)} on {model.cores} NeuronCores is published and deployed, "
+            "but spec.replicas is 0: nothing serves until it is scaled up",
+        )
+        phase = "Idle"
     elif current_rollout and outcome == "Complete":
         ready = _condition(
             READY,
@@ -249,17 +284,17 @@ def compute_status(
     elif outcome != "Complete":
         keep = " (the current pods keep serving the previous rewrite)" if deployment is not None else ""
         ready = _condition(READY, False, rewrite["reason"], rewrite["message"] + keep)
-        phase = "Pending" if rewrite["reason"] == "RewritePending" else "Rewriting"
+        if rewrite["reason"] == "RewriteBlocked":  # its pod waits on something that will not clear by itself
+            phase = "Degraded" if serving else "Failed"
+        else:
+            phase = "Pending" if rewrite["reason"] == "RewritePending" else "Rewriting"
     elif problem is not None:
         ready = _condition(READY, False, *problem)
-        if available["status"] == "True":
-            phase = "Degraded"
-        else:
-            phase = "Pending" if problem[0] == "Unschedulable" else "Failed"
+        phase = "Degraded" if serving else ("Pending" if problem[0] == "Unschedulable" else "Failed")
     elif progress_failed:
         ready = _condition(READY, False, "ProgressDeadlineExceeded", "the serving Deployment made no progress in time")
-        phase = "Degraded" if available["status"] == "True" else "Failed"
-    elif was_serving and available["status"] == "True":
+        phase = "Degraded" if serving else "Failed"
+    elif was_serving and serving:
         # Pods of the current rollout were lost (a node went away, a server stopped answering) and are replaced.
         ready = _condition(
             READY,
@@ -303,6 +338,6 @@ def compute_status(
             "retries": retry.count if retry is not None and retry.count else None,
             **facts,
         },
-        "endpoints": endpoints(model) if observed.service is not None and error is None else None,
+        "endpoints": endpoints(model) if observed.service is not None and (error is None or serving) else None,
     }
     return status

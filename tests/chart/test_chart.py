@@ -23,6 +23,7 @@ from kubernetes import client
 from localcluster.cluster import free_port
 from localcluster.helm import helm, helm_binary
 from localcluster.simcluster import SimulatedCluster
+from neuronmodel_operator.crd import CRD_NAME, DIGEST_ANNOTATION
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "neuronmodel-operator"
@@ -50,9 +51,14 @@ models = _helpers.models  # the session fixture: compiled models a NeuronModel's
 OPERATOR_RULES = [
     {"apiGroups": [GROUP], "resources": ["neuronmodels"], "verbs": ["list", "watch"]},
     {"apiGroups": [GROUP], "resources": ["neuronmodels/status"], "verbs": ["patch"]},
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch", "create", "delete"]},
-    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["list", "watch", "create", "update", "patch"]},
-    {"apiGroups": [""], "resources": ["services", "configmaps"], "verbs": ["list", "watch", "create", "update"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch", "get", "create", "delete"]},
+    {
+        "apiGroups": ["apps"],
+        "resources": ["deployments"],
+        "verbs": ["list", "watch", "get", "create", "update", "patch"],
+    },
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch", "get", "create", "update"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list", "watch", "get", "create", "update", "delete"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
@@ -60,6 +66,12 @@ CRD_RULE = {
     "apiGroups": ["apiextensions.k8s.io"],
     "resources": ["customresourcedefinitions"],
     "verbs": ["list", "watch"],
+}
+OWN_CRD_RULE = {
+    "apiGroups": ["apiextensions.k8s.io"],
+    "resources": ["customresourcedefinitions"],
+    "resourceNames": ["neuronmodels.serving.neuron.dev"],
+    "verbs": ["get"],
 }
 NAMESPACES_RULE = {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}
 
@@ -117,7 +129,11 @@ def test_lint_passes_strictly_for_every_value_set() -> None:
 def test_cluster_wide_install_gets_one_cluster_role_with_exactly_the_operators_verbs() -> None:
     docs = render()
     (role,) = of_kind(docs, "ClusterRole")
-    assert role["rules"] == [CRD_RULE, *OPERATOR_RULES]  # no namespaces: Kopf lists none when it serves them all
+    assert role["rules"] == [
+        CRD_RULE,
+        OWN_CRD_RULE,
+        *OPERATOR_RULES,
+    ]  # no namespaces: Kopf lists none when it serves them all
     assert not of_kind(docs, "Role") and not of_kind(docs, "RoleBinding")
     (binding,) = of_kind(docs, "ClusterRoleBinding")
     (account,) = of_kind(docs, "ServiceAccount")
@@ -144,7 +160,11 @@ def test_cluster_wide_install_gets_one_cluster_role_with_exactly_the_operators_v
 def test_watched_namespaces_get_a_role_each_and_nothing_else_cluster_wide_but_kopfs_observation() -> None:
     docs = render({"watchNamespaces": "{team-a,team-b}"})
     (cluster_role,) = of_kind(docs, "ClusterRole")
-    assert cluster_role["rules"] == [CRD_RULE, NAMESPACES_RULE]  # read-only: Kopf notices CRDs and namespaces
+    assert cluster_role["rules"] == [
+        CRD_RULE,
+        OWN_CRD_RULE,
+        NAMESPACES_RULE,
+    ]  # read-only: Kopf notices CRDs and namespaces
     roles = of_kind(docs, "Role")
     assert [r["metadata"]["namespace"] for r in roles] == ["team-a", "team-b"]
     assert all(r["rules"] == OPERATOR_RULES for r in roles)
@@ -157,7 +177,7 @@ def test_watched_namespaces_get_a_role_each_and_nothing_else_cluster_wide_but_ko
 def test_several_replicas_run_with_kopf_peering_and_may_write_only_their_peering_object() -> None:
     docs = render({"replicas": "2"})
     (role,) = of_kind(docs, "ClusterRole")
-    assert role["rules"] == [CRD_RULE, *OPERATOR_RULES, *peering_rules("clusterkopfpeerings")]
+    assert role["rules"] == [CRD_RULE, OWN_CRD_RULE, *OPERATOR_RULES, *peering_rules("clusterkopfpeerings")]
     assert [p["metadata"]["name"] for p in of_kind(docs, "ClusterKopfPeering")] == ["neuronmodel-operator"]
     deployment = of_kind(docs, "Deployment")[0]
     assert deployment["spec"]["replicas"] == 2 and "strategy" not in deployment["spec"]
@@ -442,6 +462,8 @@ def test_the_operator_service_account_may_do_what_it_needs_and_nothing_more(
         ("patch", "deployments", "apps"),
         ("update", "services", ""),
         ("create", "configmaps", ""),
+        ("delete", "configmaps", ""),
+        ("get", "services", ""),
         ("watch", "pods", ""),
         ("create", "events", ""),
     ]
@@ -455,6 +477,7 @@ def test_the_operator_service_account_may_do_what_it_needs_and_nothing_more(
         ("delete", "neuronmodels", GROUP, ns),
         ("delete", "deployments", "apps", ns),
         ("delete", "deployments", "apps", ""),  # cluster-wide
+        ("delete", "services", "", ns),
         ("get", "secrets", "", ns),
         ("list", "secrets", "", ""),
         ("create", "pods", "", ns),
@@ -465,3 +488,35 @@ def test_the_operator_service_account_may_do_what_it_needs_and_nothing_more(
         ("patch", "kopfpeerings", "kopf.dev", ns),  # one replica: no peering
     ]
     assert [r for r in refused if allowed(r[0], r[1], r[2], namespace=r[3])] == []
+
+
+@pytest.mark.cluster
+def test_the_operator_waits_for_the_crd_helm_did_not_upgrade_and_says_what_to_do(
+    release: Release, cluster: SimulatedCluster
+) -> None:
+    assert wait_for(release.health, what="the operator ready") == {"indexes": True}
+    kubectl = cluster.cluster.kubectl
+    # What `helm upgrade` leaves behind: the previous release's CRD, while the upgrade rolls the operator's pod.
+    kubectl("annotate", "crd", CRD_NAME, f"{DIGEST_ANNOTATION}=0ld0ld0ld0ld", "--overwrite")
+    try:
+        old = release.operator_pod()
+        release.env.core.delete_namespaced_pod(old.metadata.name, release.env.namespace)
+        new = wait_for(
+            lambda: (pod := release.operator_pod()) and pod.metadata.uid != old.metadata.uid and pod,
+            what="the new operator pod",
+        )
+        assert cluster.agent is not None
+        log = cluster.agent.workdir / "pods" / new.metadata.uid / "operator.log"
+        wait_for(
+            lambda: (
+                log.exists() and "the NeuronModel CRD in the cluster has schema digest 0ld0ld0ld0ld" in log.read_text()
+            ),
+            what="the operator saying the CRD is stale",
+        )
+        assert release.health() is None  # not serving, so not ready
+        assert "kubectl apply --server-side --force-conflicts -f charts/neuronmodel-operator/crds/" in log.read_text()
+    finally:
+        kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds" / "neuronmodel.yaml"))
+    assert wait_for(release.health, timeout=60, what="the operator started once the CRD is applied") == {
+        "indexes": True
+    }

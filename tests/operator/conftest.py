@@ -147,6 +147,14 @@ class Env:
                 f"{name} never reached {phase}; status: {self.status(name)}\noperator log:\n{tail}"
             ) from None
 
+    def scale_and_wait(self, name: str, replicas: int) -> None:
+        """A change the operator must act on: evidence that it has reconciled the model since it (re)started."""
+        self.patch_spec(name, {"replicas": replicas})
+        wait_for(
+            lambda: self.status(name).get("readyReplicas") == replicas and self.status(name).get("phase") == "Ready",
+            what=f"{name} Ready with {replicas} replicas",
+        )
+
     def jobs(self) -> list[Any]:
         return self.batch.list_namespaced_job(self.namespace).items
 

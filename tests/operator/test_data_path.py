@@ -32,15 +32,6 @@ def identity(path: Path) -> tuple[int, int]:
     return stat.st_ino, stat.st_mtime_ns
 
 
-def scale_and_wait(env: Env, name: str, replicas: int) -> None:
-    """A change the operator must act on: evidence that it has reconciled the model since it (re)started."""
-    env.patch_spec(name, {"replicas": replicas})
-    wait_for(
-        lambda: env.status(name).get("readyReplicas") == replicas and env.status(name).get("phase") == "Ready",
-        what=f"{name} Ready with {replicas} replicas",
-    )
-
-
 def job_names(env: Env) -> set[str]:
     return {j.metadata.name for j in env.jobs()}
 
@@ -84,7 +75,7 @@ def test_an_operator_upgrade_with_a_new_rewrite_image_reruns_nothing(env: Env, m
 
     env.stop_operator()
     env.start_operator(rewrite_image="local/rewrite:next-release")
-    scale_and_wait(env, "upgraded", 2)
+    env.scale_and_wait("upgraded", 2)
 
     assert job_names(env) == jobs
     assert env.apps.read_namespaced_deployment("upgraded", env.namespace).spec.template.to_dict() == template
@@ -106,7 +97,7 @@ def test_a_published_rewrite_is_never_run_or_written_again(env: Env, models: dic
     (job,) = env.jobs()
     env.batch.delete_namespaced_job(job.metadata.name, env.namespace, propagation_policy="Background")
     wait_for(lambda: not env.jobs(), what="the Job gone")
-    scale_and_wait(env, "kept", 2)
+    env.scale_and_wait("kept", 2)
     assert not env.jobs()
     assert env.status("kept")["rewrite"]["publishedAt"] == published_at
     assert identity(published(env, "kept")) == before

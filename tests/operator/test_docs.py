@@ -1,4 +1,5 @@
-"""The README's NeuronModel reference lists exactly the CRD's spec fields, so the two cannot drift apart."""
+"""The README's NeuronModel reference lists exactly the CRD's spec fields, so the two cannot drift apart; the CRD's
+schema digest is the one the operator expects."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import re
 import yaml
 
 from conftest import CRD, REPO
+from neuronmodel_operator.crd import DIGEST_ANNOTATION, SCHEMA_DIGEST
+from neuronmodel_operator.naming import digest
 
 
 def crd_spec_paths() -> set[str]:
@@ -46,3 +49,10 @@ def test_every_crd_field_has_a_description_for_kubectl_explain() -> None:
 
     walk(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"], "")
     assert not missing, missing
+
+
+def test_the_crd_carries_the_digest_of_its_spec_that_the_operator_expects() -> None:
+    crd = yaml.safe_load(CRD.read_text())
+    assert crd["metadata"]["annotations"][DIGEST_ANNOTATION] == digest(crd["spec"], 12) == SCHEMA_DIGEST, (
+        "the CRD changed: set its schema-digest annotation and crd.SCHEMA_DIGEST to the digest of its new spec"
+    )

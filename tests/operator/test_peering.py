@@ -8,7 +8,6 @@ object already there is a no-op, and updates compare a hash of the desired spec.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,8 @@ def test_two_replicas_in_a_peering_create_each_child_once(env: Env, models: dict
 
     wait_for(lambda: len(peers()) == 2, what="both replicas in the peering")
     assert sorted(p["priority"] for p in peers().values()) == [100, 200]
-    time.sleep(1)  # each replica processes the peering event that shows the other
+    # The lower one has seen the higher one (Kopf logs its pause): from now on it stands by.
+    wait_for(lambda: "Pausing operations in favour of" in logs[1].read_text(), what="the lower replica paused")
 
     env.hostpath_claim("compiled", models["resnet50"])
     for name in ("peered-a", "peered-b"):
@@ -43,7 +43,7 @@ def test_two_replicas_in_a_peering_create_each_child_once(env: Env, models: dict
         env.wait_phase(name, "Ready")
     env.patch_spec("peered-a", {"replicas": 1, "numCores": 2})  # an update too, not only creates
     wait_for(lambda: env.status("peered-a").get("servedCores") == 2 and env.status("peered-a")["phase"] == "Ready")
-    time.sleep(3)
+    wait_for(lambda: len(env.jobs()) == 2, what="the superseded Job deleted")
 
     jobs = sorted(j.metadata.name for j in env.jobs())
     assert len(jobs) == 2 and {j.split("-rewrite-")[0] for j in jobs} == {"peered-a", "peered-b"}, jobs

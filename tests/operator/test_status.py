@@ -450,3 +450,76 @@ def test_a_store_the_rewrite_cannot_write_says_what_to_do() -> None:
     message = conditions(status_of(model, observed))["RewriteSucceeded"]["message"]
     assert line in message
     assert "must be able to write to the store" in message and "spec.rewrite.podSecurityContext" in message
+
+
+# Every failure told, and told the same way
+
+
+SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "resnet50", "namespace": NAMESPACE}}
+
+
+def test_an_invalid_spec_while_pods_serve_is_degraded_and_keeps_the_endpoints() -> None:
+    model = make_model()
+    error = SpecError("InvalidSpec", "spec.serving.podSecurityContext.runAsUser is 0 (root) but ...")
+    dep = deployment_body("0ld0ld0ld0")
+    status = compute_status(model, 2, None, error, Observed(deployment=dep, service=SERVICE), {}, NOW)
+    assert status["phase"] == "Degraded"  # as a failed rewrite in the same situation: something still serves
+    assert conditions(status)["Available"]["status"] == "True"
+    assert conditions(status)["Ready"]["message"].endswith("(the current pods keep serving the previous spec)")
+    assert status["endpoints"] is not None
+
+
+def test_zero_replicas_is_idle_not_ready() -> None:
+    model = make_model(replicas=0)
+    dep = deployment_body(model.rewrite_id(), desired=0, replicas=0, ready=0, updated=0, available=0)
+    status = status_of(model, Observed(job=complete_job(model), deployment=dep, service=SERVICE))
+    assert status["phase"] == "Idle"
+    assert {t: (c["status"], c["reason"]) for t, c in conditions(status).items()} == {
+        "RewriteSucceeded": ("True", "RewriteSucceeded"),
+        "Available": ("False", "ScaledToZero"),
+        "Ready": ("False", "ScaledToZero"),
+    }
+    assert "spec.replicas is 0: nothing serves" in conditions(status)["Ready"]["message"]
+
+
+def test_an_init_container_that_cannot_pull_its_image_blocks_the_rewrite() -> None:
+    model = make_model(source={"s3": {"uri": "s3://models/resnet50/"}})
+    name = job_name(model.name, model.rewrite_id())
+    pod = job_pod(name, "p1", EARLIER, "")
+    pod["status"] = {
+        "phase": "Pending",
+        "initContainerStatuses": [
+            {
+                "name": "fetch",
+                "state": {
+                    "waiting": {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "typo/rewrite"'}
+                },
+            }
+        ],
+    }
+    status = status_of(model, Observed(job=job_body(name), job_pods=[pod]))
+    rewrite = conditions(status)["RewriteSucceeded"]
+    assert rewrite["reason"] == "RewriteBlocked"
+    assert "container fetch: ImagePullBackOff: Back-off pulling image" in rewrite["message"]
+    assert status["phase"] == "Failed" and conditions(status)["Ready"]["reason"] == "RewriteBlocked"
+
+
+def test_a_serving_container_whose_secret_is_missing_is_reported() -> None:
+    model = make_model()
+    dep = deployment_body(model.rewrite_id(), ready=0, updated=1, available=0)
+    waiting = {"reason": "CreateContainerConfigError", "message": 'secret "hf-token" not found'}
+    pod = serving_pod("resnet50-7d9c8b6f5-q8p4z", waiting=waiting)
+    status = status_of(model, Observed(job=complete_job(model), deployment=dep, serving_pods=[pod]))
+    assert status["phase"] == "Failed"
+    ready = conditions(status)["Ready"]
+    assert ready["reason"] == "ContainerConfigInvalid" and 'secret "hf-token" not found' in ready["message"]
+
+
+def test_a_refused_child_is_told_in_the_ready_condition() -> None:
+    model = make_model()
+    message = 'the API refused to create Deployment resnet50: Deployment.apps "resnet50" is invalid: ...'
+    observed = Observed(job=complete_job(model), refused=("ChildRejected", message))
+    status = status_of(model, observed)
+    assert status["phase"] == "Failed"
+    assert conditions(status)["RewriteSucceeded"]["status"] == "True"
+    assert (conditions(status)["Ready"]["reason"], conditions(status)["Ready"]["message"]) == ("ChildRejected", message)

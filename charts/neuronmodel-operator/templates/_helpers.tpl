@@ -33,7 +33,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 The rules the operator needs on NeuronModels and their children, wherever it serves them. Every verb is one the
 code uses: Kopf lists and watches (indexes, event handlers; no finalizers, no progress annotations, so it never
 writes a NeuronModel); the reconcile creates Jobs, Deployments, Services and ConfigMaps, replaces (PUT: update)
-the last three, patches Deployment replicas and NeuronModel status, deletes superseded Jobs; events are posted
+the last three, patches Deployment replicas and NeuronModel status, deletes superseded Jobs and the batching
+ConfigMap once batching is off, and reads a child whose create found its name taken (ours, or someone else's); events are posted
 through the core API by Kopf (kopf.info/kopf.warn). Pods are only read, to report why they do not run.
 */}}
 {{- define "neuronmodel-operator.rules" -}}
@@ -45,13 +46,16 @@ through the core API by Kopf (kopf.info/kopf.warn). Pods are only read, to repor
   verbs: [patch]
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [list, watch, create, delete]
+  verbs: [list, watch, get, create, delete]
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [list, watch, create, update, patch]
+  verbs: [list, watch, get, create, update, patch]
 - apiGroups: [""]
-  resources: [services, configmaps]
-  verbs: [list, watch, create, update]
+  resources: [services]
+  verbs: [list, watch, get, create, update]
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [list, watch, get, create, update, delete]
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
