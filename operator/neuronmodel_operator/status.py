@@ -69,12 +69,17 @@ def job_outcome(job: dict[str, Any] | None) -> str:
     return "Running"
 
 
+def _container_statuses(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    """Init containers first, then the containers: a stuck or failed init container is the one to tell."""
+    pod_status = pod.get("status") or {}
+    return [*(pod_status.get("initContainerStatuses") or []), *(pod_status.get("containerStatuses") or [])]
+
+
 def _terminations(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The terminated states of the pods' containers, init containers first, newest pod first."""
     states = []
     for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True):
-        pod_status = pod.get("status") or {}
-        for status in [*(pod_status.get("initContainerStatuses") or []), *(pod_status.get("containerStatuses") or [])]:
+        for status in _container_statuses(pod):
             terminated = (status.get("state") or {}).get("terminated")
             if terminated:
                 states.append(terminated)
@@ -124,8 +129,7 @@ def _pod_problem(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
                     f"pod {pod['metadata']['name']} cannot be scheduled: {condition.get('message', '')}",
                 )
     for pod in pods:
-        pod_status = pod.get("status") or {}
-        for status in [*(pod_status.get("initContainerStatuses") or []), *(pod_status.get("containerStatuses") or [])]:
+        for status in _container_statuses(pod):
             waiting = (status.get("state") or {}).get("waiting") or {}
             reason = _STUCK_REASONS.get(waiting.get("reason", ""))
             if reason is not None:
