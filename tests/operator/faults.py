@@ -92,7 +92,7 @@ def convergence_problems(env: Env, name: str) -> list[str]:
     cores, replicas = spec["numCores"], spec.get("replicas", 1)
     problems = []
     expected = {
-        "phase": "Ready",
+        "phase": "Ready" if replicas else "Idle",  # a model scaled to zero is published and deployed, serving nobody
         "servedCores": cores,
         "replicas": replicas,
         "readyReplicas": replicas,

@@ -1,9 +1,11 @@
 """Several operator replicas (Kopf peering, as the Helm chart runs them with replicas > 1) are safe together.
 
-Kopf's peering pauses replicas of lower priority once the peering object shows them a higher one, which the test
-checks. Before that (a replica starting while the other works) both may act for a moment, so safety must not
-depend on the pause: every child has a name derived from the model and what decides it, a create that finds the
-object already there is a no-op, and updates compare a hash of the desired spec. So each child is created once.
+With mandatory peering Kopf starts every replica paused and resumes it only once the peering object shows no live
+replica of higher priority. The test starts the higher one first, so the lower one's first look at the peering
+already shows it: the lower one must never resume while the higher one lives. In other orders (a replica starting
+while another works) both may act for a moment, so safety must not depend on the pause: every child has a name
+derived from the model and what decides it, a create that finds the object already there is a no-op, and updates
+compare a hash of the desired spec. So each child is created once.
 """
 
 from __future__ import annotations
@@ -25,16 +27,16 @@ def test_two_replicas_in_a_peering_create_each_child_once(env: Env, models: dict
     peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": peering_name}}
     assert env.apply(peering).returncode == 0
     env.stop_operator()  # the fixture's standalone operator
-    logs = [env.start_replica(peering_name, priority=p) for p in (200, 100)]
 
-    def peers() -> dict:
+    def priorities() -> list[int]:
         obj = env.custom.get_namespaced_custom_object("kopf.dev", "v1", env.namespace, "kopfpeerings", peering_name)
-        return obj.get("status") or {}
+        return sorted(peer["priority"] for peer in (obj.get("status") or {}).values())
 
-    wait_for(lambda: len(peers()) == 2, what="both replicas in the peering")
-    assert sorted(p["priority"] for p in peers().values()) == [100, 200]
-    # The lower one has seen the higher one (Kopf logs its pause): from now on it stands by.
-    wait_for(lambda: "Pausing operations in favour of" in logs[1].read_text(), what="the lower replica paused")
+    logs = [env.start_replica(peering_name, priority=200)]
+    wait_for(lambda: priorities() == [200], what="the higher replica in the peering")
+    logs.append(env.start_replica(peering_name, priority=100))
+    wait_for(lambda: priorities() == [100, 200], what="both replicas in the peering")
+    wait_for(lambda: "Resuming operations" in logs[0].read_text(), what="the higher replica at work")
 
     env.hostpath_claim("compiled", models["resnet50"])
     for name in ("peered-a", "peered-b"):
@@ -52,6 +54,6 @@ def test_two_replicas_in_a_peering_create_each_child_once(env: Env, models: dict
     assert env.apps.read_namespaced_deployment("peered-a", env.namespace).spec.replicas == 1
     high, low = (log.read_text() for log in logs)
     assert "Traceback" not in high + low, (high + low)[-3000:]
-    # Once both are in the peering, the lower priority stands by: the higher one did all the work.
+    # The lower priority stood by from its start: the higher one did all the work.
     assert "created Job" in high and " phase " in high
-    assert "created " not in low and " phase " not in low, low[-3000:]
+    assert "Resuming operations" not in low and "created " not in low and " phase " not in low, low[-3000:]
