@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # one line per event: ours, not Kopf's "Handler ... succeeded" for every watch event
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     from . import handlers  # noqa: F401  (registers the handlers)
+    from .peering import IDENTITY
 
     try:
         kopf.run(
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             standalone=args.standalone,
             peering_name=args.peering,
             priority=args.priority,
+            identity=IDENTITY,
             liveness_endpoint=args.liveness or None,
         )
     except APIError as exc:

@@ -8,6 +8,7 @@ for the operator.
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 from typing import Any
 
@@ -20,7 +21,8 @@ from .config import OperatorConfig
 from .crd import stale_crd_message
 from .naming import GROUP, MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL, model_label
 from .own_writes import ModelKey, slim
-from .reconcile import VERSION, Api, ChildRefused, Children, reconcile
+from .peering import Peering
+from .reconcile import REQUEST_TIMEOUT, VERSION, Api, ChildRefused, Children, reconcile
 from .scheduling import KeyedLocks, Timers
 
 OWNED = {MANAGED_BY_LABEL: MANAGED_BY}
@@ -48,6 +50,7 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any)
     if stale is not None:
         raise kopf.TemporaryError(stale, delay=10)  # not ready (the chart's probe fails) until the CRD is applied
     _state["config"] = OperatorConfig.from_env()
+    _state["peering"] = Peering.of(settings)
     _state["api"] = Api()
     logger.info("operator configured: rewrite image default %r", _state["config"].rewrite_image or "(none)")
 
@@ -110,7 +113,8 @@ def pods_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -
 # Reconcile triggers ---------------------------------------------------------------------------------------------
 
 
-def _reconcile_key(key: ModelKey, indexes: dict[str, kopf.Index], attempt: int = 0) -> None:
+def _reconcile_key(key: ModelKey, indexes: dict[str, kopf.Index], attempt: int = 0, timed: bool = False) -> None:
+    """``timed``: called by a timer, not by Kopf, so Kopf may have paused this replica since."""
     if "api" not in _state:
         return
     api: Api = _state["api"]
@@ -130,6 +134,8 @@ def _reconcile_key(key: ModelKey, indexes: dict[str, kopf.Index], attempt: int =
             list(indexes["pods_index"].get(key, [])),
         )
         try:
+            if timed and _outranked(key, api):
+                return  # Kopf lists every object again when it resumes this replica: nothing is lost
             requeue = reconcile(models[0], children, api, _state["config"])
         except (ApiException, OSError, urllib3.exceptions.HTTPError, ChildRefused) as exc:
             # Temporary (the API unreachable, a conflict), or a child refused (told in the status; a quota may be
@@ -137,18 +143,36 @@ def _reconcile_key(key: ModelKey, indexes: dict[str, kopf.Index], attempt: int =
             # hold a model for a timer, so retry here. A spec that cannot work is reported in the status, and
             # retried when the spec changes.
             delay = min(RETRY_SECONDS * 2**attempt, MAX_RETRY_SECONDS)
-            log.warning("reconcile of %s/%s failed (%s); retrying in %d s", key[0], key[1], exc, delay)
+            log.warning("reconcile of %s/%s failed (%s); retrying in %d s", key[0], key[1], _one_line(exc), delay)
             _later(delay, key, indexes, attempt + 1)
             return
     if requeue is not None:
         _later(requeue, key, indexes)
 
 
+def _one_line(exc: Exception) -> str:
+    """The API's own message for an error answer (the client's text carries its headers and body over lines)."""
+    if isinstance(exc, ApiException):
+        try:
+            return f"{exc.status} {exc.reason}: {json.loads(exc.body or '{}').get('message', '')}"
+        except ValueError:
+            return f"{exc.status} {exc.reason}"
+    return " ".join(str(exc).split())
+
+
 def _later(delay: float, key: ModelKey, indexes: dict[str, kopf.Index], attempt: int = 0) -> None:
     """One pending timer per model: a newer request replaces the older one."""
     # In a copy of the handler's context: Kopf's event posting (kopf.info/warn) reads its settings from it.
     context = contextvars.copy_context()
-    _timers.later(key, delay, context.run, _reconcile_key, key, indexes, attempt)
+    _timers.later(key, delay, context.run, _reconcile_key, key, indexes, attempt, True)
+
+
+def _outranked(key: ModelKey, api: Api) -> bool:
+    peering: Peering | None = _state["peering"]
+    peers = peering.outranked_in(key[0], api.custom, REQUEST_TIMEOUT) if peering else []
+    if peering and peers:
+        log.info("standing by for %s/%s: peering %s shows %s of higher or equal priority", *key, peering.name, peers[0])
+    return bool(peers)
 
 
 @kopf.on.event(GROUP, VERSION, "neuronmodels")

@@ -22,6 +22,7 @@ _METADATA = (
     "name",
     "namespace",
     "uid",
+    "resourceVersion",
     "generation",
     "labels",
     "annotations",
@@ -41,6 +42,7 @@ def slim(body: Mapping[str, Any]) -> dict[str, Any]:
         "metadata": {k: meta.get(k) or ({} if k in ("labels", "annotations") else None) for k in _METADATA},
         "spec": dict(body.get("spec") or {}) if body.get("kind") != "Pod" else {},
         "status": dict(body.get("status") or {}),
+        **({"data": dict(body.get("data") or {})} if body.get("kind") == "ConfigMap" else {}),
     }
 
 
@@ -59,14 +61,18 @@ def model_key(obj: dict[str, Any]) -> ModelKey:
 
 
 def _shows(seen: dict[str, Any], written: dict[str, Any]) -> bool:
-    """Whether an indexed object is our write or newer: same object, same requested spec, generation caught up."""
+    """Whether an indexed object is our write or newer: the same object at our write's resourceVersion or later.
+    The apiserver hands out etcd's revisions, in order; were they not numbers, the same requested spec with its
+    generation caught up has to do (blind to a hand edit of a field made after our write, until ``ttl``)."""
     have, want = seen["metadata"], written["metadata"]
-    return (
-        have.get("uid") == want.get("uid")
-        and (have.get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
-        == (want.get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
-        and (have.get("generation") or 0) >= (want.get("generation") or 0)
-    )
+    if have.get("uid") != want.get("uid"):
+        return False
+    try:
+        return int(have["resourceVersion"]) >= int(want["resourceVersion"])
+    except (KeyError, TypeError, ValueError):
+        return (have.get("annotations") or {}).get(SPEC_HASH_ANNOTATION) == (want.get("annotations") or {}).get(
+            SPEC_HASH_ANNOTATION
+        ) and (have.get("generation") or 0) >= (want.get("generation") or 0)
 
 
 @dataclass

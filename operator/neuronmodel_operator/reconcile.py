@@ -25,6 +25,7 @@ from .builders import (
     serving_service,
 )
 from .config import OperatorConfig
+from .drift import drifted
 from .naming import GROUP, SPEC_HASH_ANNOTATION, job_name, model_label
 from .own_writes import OwnWrites, slim, without_none
 from .status import REPORT_FIELDS, Observed, Retry, compute_status, job_outcome
@@ -139,23 +140,29 @@ class Api:
         log.info("created %s %s/%s", kind, ns, name)
         return created
 
-    def replace(self, obj: dict[str, Any], observed: dict[str, Any]) -> dict[str, Any]:
-        """PUT the whole object: a field the spec no longer sets (a nodeSelector, say) must go, not linger."""
+    def replace(self, obj: dict[str, Any], why: str) -> dict[str, Any]:
+        """PUT the whole object: a field the spec no longer sets (a nodeSelector, say) must go, not linger. Others'
+        labels and annotations stay (ours win): read fresh, as the index may lag a change just made."""
         ns, kind, name = obj["metadata"]["namespace"], obj["kind"], obj["metadata"]["name"]
-        obj = copy.deepcopy(obj)
-        obj["metadata"]["ownerReferences"] = observed["metadata"].get("ownerReferences")
-        if kind == "Service":  # immutable once allocated
-            obj["spec"]["clusterIP"] = (observed.get("spec") or {}).get("clusterIP")
-        replace: Callable[..., Any] = {
-            "Deployment": self.apps.replace_namespaced_deployment,
-            "Service": self.core.replace_namespaced_service,
-            "ConfigMap": self.core.replace_namespaced_config_map,
+        read, replace = {
+            "Deployment": (self.apps.read_namespaced_deployment, self.apps.replace_namespaced_deployment),
+            "Service": (self.core.read_namespaced_service, self.core.replace_namespaced_service),
+            "ConfigMap": (self.core.read_namespaced_config_map, self.core.replace_namespaced_config_map),
         }[kind]
+        current = self._serialize(read(name, ns, _request_timeout=REQUEST_TIMEOUT))
+        obj = copy.deepcopy(obj)
+        meta = obj["metadata"]
+        meta["ownerReferences"] = current["metadata"].get("ownerReferences")
+        for part in ("labels", "annotations"):
+            meta[part] = {**(current["metadata"].get(part) or {}), **(meta.get(part) or {})}
+        if kind == "Service":  # the API updates a Service only at its resourceVersion, and never its clusterIP
+            meta["resourceVersion"] = current["metadata"]["resourceVersion"]
+            obj["spec"]["clusterIP"] = current["spec"].get("clusterIP")
         try:
             replaced = self._wrote(replace(name, ns, obj, _request_timeout=REQUEST_TIMEOUT))
         except (ApiException, ValidationError) as exc:
             raise _refusal(exc, "update", kind, name) from exc
-        log.info("updated %s %s/%s", kind, ns, name)
+        log.info("updated %s %s/%s: %s", kind, ns, name, why)
         return replaced
 
     def scale_deployment(self, observed: dict[str, Any], replicas: int) -> dict[str, Any]:
@@ -193,7 +200,8 @@ class Api:
 def _apply(
     api: Api, owner: kopf.Body | dict, desired: dict[str, Any], observed: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """Create what is missing; replace what differs from what we last asked for (the spec-hash annotation).
+    """Create what is missing; replace what no longer holds what we set: the model's spec changed (the spec-hash
+    annotation differs) or someone changed one of our fields (drift, told as an Event). Writes nothing otherwise.
     Returns the object as it now is, so the status written in the same reconcile already tells of it."""
     if observed is None:
         kopf.adopt(desired, owner=owner)  # owner reference: garbage collected with the model
@@ -201,8 +209,23 @@ def _apply(
     if not owned_by(observed, owner["metadata"]["uid"]):
         raise _foreign(observed)  # labelled like ours (a copied manifest), made by someone else
     if _spec_hash(observed) != _spec_hash(desired):
-        return api.replace(desired, observed)
-    return observed
+        return api.replace(desired, "the model's spec changed")
+    drift = drifted(_set_fields(desired), _set_fields(observed))
+    if not drift:
+        return observed
+    fields = ", ".join(drift[:3]) + (f" and {len(drift) - 3} more" if len(drift) > 3 else "")
+    repaired = api.replace(desired, f"changed outside the operator: {fields}")
+    kind, name = desired["kind"], desired["metadata"]["name"]
+    kopf.info(owner, reason="DriftRepaired", message=f"restored {kind} {name}: {fields}")
+    return repaired
+
+
+def _set_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a child the operator sets: its labels, annotations and spec (or a ConfigMap's data)."""
+    meta = obj["metadata"]
+    return {"metadata": {"labels": meta.get("labels"), "annotations": meta.get("annotations")}} | {
+        part: obj.get(part) for part in ("spec", "data") if part in obj
+    }
 
 
 def _spec_hash(obj: dict[str, Any]) -> str | None:

@@ -83,7 +83,7 @@ def peering_rules(resource: str) -> list[dict[str, Any]]:
             "apiGroups": ["kopf.dev"],
             "resources": [resource],
             "resourceNames": ["neuronmodel-operator"],
-            "verbs": ["patch"],
+            "verbs": ["get", "patch"],
         },
     ]
 

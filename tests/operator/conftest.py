@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -154,6 +155,25 @@ class Env:
             lambda: self.status(name).get("readyReplicas") == replicas and self.status(name).get("phase") == "Ready",
             what=f"{name} Ready with {replicas} replicas",
         )
+
+    def audit_offset(self) -> int:
+        """Where the apiserver's audit log ends now: what ``operator_writes`` reads from."""
+        return (self.cluster.cluster.workdir / "audit.log").stat().st_size
+
+    def operator_writes(self, offset: int) -> list[tuple[str, str, str]]:
+        """The operator's writes in the test's namespace since ``offset`` of the apiserver's audit log, as
+        (verb, resource, subresource)."""
+        with (self.cluster.cluster.workdir / "audit.log").open() as log:
+            log.seek(offset)
+            events = [json.loads(line) for line in log if line.strip()]
+        assert events, "the audit log recorded nothing: the check would be vacuous"
+        return [
+            (e["verb"], e["objectRef"].get("resource"), e["objectRef"].get("subresource", ""))
+            for e in events
+            if e["verb"] in ("create", "update", "patch", "delete", "deletecollection")
+            and e.get("objectRef", {}).get("namespace") == self.namespace
+            and e.get("userAgent", "").startswith(("neuronmodel-operator", "kopf/"))
+        ]
 
     def jobs(self) -> list[Any]:
         return self.batch.list_namespaced_job(self.namespace).items

@@ -204,31 +204,12 @@ def test_the_crd_schema_rejects_bad_input_naming_the_field(
     assert field in result.stderr, result.stderr
 
 
-def operator_writes(env: Env, offset: int) -> list[tuple[str, str, str]]:
-    """The operator's writes in the test's namespace since ``offset`` of the apiserver's audit log."""
-    with (env.cluster.cluster.workdir / "audit.log").open() as log:
-        log.seek(offset)
-        events = [json.loads(line) for line in log if line.strip()]
-    assert events, "the audit log recorded nothing: the check would be vacuous"
-    return [
-        (e["verb"], e["objectRef"].get("resource"), e["objectRef"].get("subresource", ""))
-        for e in events
-        if e["verb"] in ("create", "update", "patch", "delete", "deletecollection")
-        and e.get("objectRef", {}).get("namespace") == env.namespace
-        and e.get("userAgent", "").startswith(("neuronmodel-operator", "kopf/"))
-    ]
-
-
-def audit_offset(env: Env) -> int:
-    return (env.cluster.cluster.workdir / "audit.log").stat().st_size
-
-
 def test_a_model_reaches_ready_in_eight_writes(env: Env, models: dict[str, Path]) -> None:
     """The write budget of issue 6 for one model: the three children, a status for each of the three steps and
     an Event for each step after the first. bench/operator_scale.py measures the same at 50 to 500 models. (A
     rollout slower than 5 s would add a status write for the pod counts; the simulated pod starts well within.)"""
     env.hostpath_claim("compiled", models["resnet50"])
-    offset = audit_offset(env)
+    offset = env.audit_offset()
     assert env.apply(neuron_model("frugal", "compiled", cores=1)).returncode == 0
     env.wait_phase("frugal", "Ready")
     wait_for(  # the Ready Event is posted from a queue
@@ -237,7 +218,7 @@ def test_a_model_reaches_ready_in_eight_writes(env: Env, models: dict[str, Path]
         ),
         what="the model's Events",
     )
-    assert sorted(operator_writes(env, offset)) == [
+    assert sorted(env.operator_writes(offset)) == [
         ("create", "deployments", ""),
         ("create", "events", ""),
         ("create", "events", ""),
@@ -254,9 +235,9 @@ def test_an_idle_operator_makes_no_api_writes(env: Env, models: dict[str, Path])
     assert env.apply(neuron_model("idle", "compiled", cores=1, replicas=2)).returncode == 0
     env.wait_phase("idle", "Ready")
     time.sleep(3)  # let the last watch events of the rollout arrive
-    offset = audit_offset(env)
+    offset = env.audit_offset()
     time.sleep(20)
-    assert operator_writes(env, offset) == []
+    assert env.operator_writes(offset) == []
 
 
 def test_no_secret_value_reaches_logs_events_or_status(env: Env, models: dict[str, Path]) -> None:

@@ -10,6 +10,7 @@ compare a hash of the desired spec. So each child is created once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,23 +21,36 @@ pytestmark = pytest.mark.cluster
 PEERING_CRDS = REPO / "charts" / "neuronmodel-operator" / "crds" / "kopfpeering.yaml"
 
 
-def test_two_replicas_in_a_peering_create_each_child_once(env: Env, models: dict[str, Path]) -> None:
+PEERING = "neuronmodel-operator"
+
+
+def peering_priorities(env: Env) -> Callable[[], list[int]]:
+    """Create the peering object (the fixture's standalone operator stops); return what reads its replicas."""
     env.cluster.cluster.kubectl("apply", "-f", str(PEERING_CRDS))
     wait_for(lambda: env.cluster.cluster.kubectl("get", "kopfpeerings", "-A", check=False).returncode == 0)
-    peering_name = "neuronmodel-operator"
-    peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": peering_name}}
+    peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": PEERING}}
     assert env.apply(peering).returncode == 0
-    env.stop_operator()  # the fixture's standalone operator
+    env.stop_operator()
 
     def priorities() -> list[int]:
-        obj = env.custom.get_namespaced_custom_object("kopf.dev", "v1", env.namespace, "kopfpeerings", peering_name)
+        obj = env.custom.get_namespaced_custom_object("kopf.dev", "v1", env.namespace, "kopfpeerings", PEERING)
         return sorted(peer["priority"] for peer in (obj.get("status") or {}).values())
 
-    logs = [env.start_replica(peering_name, priority=200)]
-    wait_for(lambda: priorities() == [200], what="the higher replica in the peering")
-    logs.append(env.start_replica(peering_name, priority=100))
+    return priorities
+
+
+def start_working_replica(env: Env, priority: int, priorities: Callable[[], list[int]]) -> Path:
+    """A replica that is in the peering and at work (the highest so far); returns its log."""
+    log = env.start_replica(PEERING, priority=priority)
+    wait_for(lambda: priority in priorities(), what=f"the replica of priority {priority} in the peering")
+    wait_for(lambda: "Resuming operations" in log.read_text(), what=f"the replica of priority {priority} at work")
+    return log
+
+
+def test_two_replicas_in_a_peering_create_each_child_once(env: Env, models: dict[str, Path]) -> None:
+    priorities = peering_priorities(env)
+    logs = [start_working_replica(env, 200, priorities), env.start_replica(PEERING, priority=100)]
     wait_for(lambda: priorities() == [100, 200], what="both replicas in the peering")
-    wait_for(lambda: "Resuming operations" in logs[0].read_text(), what="the higher replica at work")
 
     env.hostpath_claim("compiled", models["resnet50"])
     for name in ("peered-a", "peered-b"):
@@ -57,3 +71,28 @@ def test_two_replicas_in_a_peering_create_each_child_once(env: Env, models: dict
     # The lower priority stood by from its start: the higher one did all the work.
     assert "created Job" in high and " phase " in high
     assert "Resuming operations" not in low and "created " not in low and " phase " not in low, low[-3000:]
+
+
+def test_a_retry_scheduled_before_the_pause_leaves_the_model_to_the_higher_replica(
+    env: Env, models: dict[str, Path]
+) -> None:
+    """Retries run on timers outside Kopf: one due after Kopf paused the replica must not act (on stale indexes)."""
+    priorities = peering_priorities(env)
+    low = start_working_replica(env, 100, priorities)
+    env.hostpath_claim("compiled", models["resnet50"])
+    toleration = {"key": "aws.amazon.com/neuron", "operator": "Equals"}  # the API refuses it: retried with back-off
+    assert env.apply(neuron_model("refused", "compiled", tolerations=[toleration])).returncode == 0
+    wait_for(lambda: "reconcile of" in low.read_text() and "retrying in" in low.read_text(), what="a retry scheduled")
+
+    high = start_working_replica(env, 200, priorities)
+    wait_for(lambda: "Pausing operations in favour of" in low.read_text(), what="the lower replica paused")
+    paused_at = low.read_text().index("Pausing operations in favour of")
+    # The back-off is at most a minute: the pending retry fires, finds the higher replica alive and stands by.
+    wait_for(
+        lambda: f"standing by for {env.namespace}/refused" in low.read_text()[paused_at:],
+        timeout=90,
+        what="the retry standing by",
+    )
+    after_pause = low.read_text()[paused_at:]
+    assert "retrying in" not in after_pause and "created " not in after_pause, after_pause
+    assert "retrying in" in high.read_text()  # the model is not forgotten: the higher replica retries it

@@ -75,5 +75,5 @@ status of its own, the only one it may write.
 - apiGroups: [kopf.dev]
   resources: [{{ .resource }}]
   resourceNames: [{{ .name }}]
-  verbs: [patch]
+  verbs: [get, patch]  # get: a delayed reconcile checks that no peer of higher priority is alive
 {{- end -}}
