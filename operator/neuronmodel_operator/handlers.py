@@ -8,7 +8,6 @@ for the operator.
 from __future__ import annotations
 
 import contextvars
-import json
 import logging
 from typing import Any
 
@@ -22,7 +21,7 @@ from .crd import stale_crd_message
 from .naming import GROUP, MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL, model_label
 from .own_writes import ModelKey, slim
 from .peering import Peering
-from .reconcile import REQUEST_TIMEOUT, VERSION, Api, ChildRefused, Children, reconcile
+from .reconcile import REQUEST_TIMEOUT, VERSION, Api, ChildRefused, Children, api_message, reconcile
 from .scheduling import KeyedLocks, Timers
 
 OWNED = {MANAGED_BY_LABEL: MANAGED_BY}
@@ -151,13 +150,7 @@ def _reconcile_key(key: ModelKey, indexes: dict[str, kopf.Index], attempt: int =
 
 
 def _one_line(exc: Exception) -> str:
-    """The API's own message for an error answer (the client's text carries its headers and body over lines)."""
-    if isinstance(exc, ApiException):
-        try:
-            return f"{exc.status} {exc.reason}: {json.loads(exc.body or '{}').get('message', '')}"
-        except ValueError:
-            return f"{exc.status} {exc.reason}"
-    return " ".join(str(exc).split())
+    return f"{exc.status} {api_message(exc)}" if isinstance(exc, ApiException) else " ".join(str(exc).split())
 
 
 def _later(delay: float, key: ModelKey, indexes: dict[str, kopf.Index], attempt: int = 0) -> None:

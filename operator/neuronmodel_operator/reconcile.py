@@ -64,11 +64,16 @@ def _refusal(exc: ApiException | ValidationError, verb: str, kind: str, name: st
         return ChildRefused("ChildRejected", f"the client refused to {verb} {kind} {name}: {fields}")
     if exc.status not in (400, 403, 422):
         return exc
+    return ChildRefused("ChildRejected", f"the API refused to {verb} {kind} {name}: {api_message(exc)}")
+
+
+def api_message(exc: ApiException) -> str:
+    """The API's own words in an error answer, on one line (the client's text adds its headers and body)."""
     try:
         words = json.loads(exc.body or "{}").get("message") or exc.reason
     except ValueError:
         words = exc.body or exc.reason
-    return ChildRefused("ChildRejected", f"the API refused to {verb} {kind} {name}: {words}")
+    return " ".join(str(words).split())
 
 
 def owned_by(obj: dict[str, Any], owner_uid: str) -> bool:
