@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .naming import MODEL_LABEL, SPEC_HASH_ANNOTATION
+from .naming import MODEL_LABEL
 
 ModelKey = tuple[str, str]  # (namespace, model label): how the indexes group a model with its children
 _METADATA = (
@@ -61,18 +61,10 @@ def model_key(obj: dict[str, Any]) -> ModelKey:
 
 
 def _shows(seen: dict[str, Any], written: dict[str, Any]) -> bool:
-    """Whether an indexed object is our write or newer: the same object at our write's resourceVersion or later.
-    The apiserver hands out etcd's revisions, in order; were they not numbers, the same requested spec with its
-    generation caught up has to do (blind to a hand edit of a field made after our write, until ``ttl``)."""
+    """Whether an indexed object is our write or newer: the same object at our write's resourceVersion or later
+    (the apiserver hands out etcd's revisions, in order; a hand edit after our write is newer and rules)."""
     have, want = seen["metadata"], written["metadata"]
-    if have.get("uid") != want.get("uid"):
-        return False
-    try:
-        return int(have["resourceVersion"]) >= int(want["resourceVersion"])
-    except (KeyError, TypeError, ValueError):
-        return (have.get("annotations") or {}).get(SPEC_HASH_ANNOTATION) == (want.get("annotations") or {}).get(
-            SPEC_HASH_ANNOTATION
-        ) and (have.get("generation") or 0) >= (want.get("generation") or 0)
+    return have.get("uid") == want.get("uid") and int(have["resourceVersion"]) >= int(want["resourceVersion"])
 
 
 @dataclass

@@ -19,13 +19,17 @@ class Clock:
         return self.t
 
 
-def child(kind: str, name: str, uid: str, spec_hash: str = "h1", generation: int = 1) -> dict[str, Any]:
+def child(
+    kind: str, name: str, uid: str, spec_hash: str = "h1", generation: int = 1, version: int = 0
+) -> dict[str, Any]:
+    """``version``: the resourceVersion, by default the generation (each change of ours is a later revision)."""
     return {
         "kind": kind,
         "metadata": {
             "name": name,
             "namespace": "ns",
             "uid": uid,
+            "resourceVersion": str(version or generation),
             "generation": generation,
             "labels": {MODEL_LABEL: "m"},
             "annotations": {SPEC_HASH_ANNOTATION: spec_hash},
@@ -66,6 +70,16 @@ def test_a_scale_shows_through_the_generation_even_with_the_same_spec_hash() -> 
     own.wrote(child("Deployment", "m", "u1", generation=5))
     stale = child("Deployment", "m", "u1", generation=4)
     assert own.children(KEY, "Deployment", [stale])[0]["metadata"]["generation"] == 5
+
+
+def test_a_hand_edit_after_our_write_shows_through_though_spec_hash_and_generation_are_ours() -> None:
+    own = OwnWrites(clock=Clock())
+    own.wrote(child("Service", "m", "u1", version=10))
+    edited = child("Service", "m", "u1", version=11)  # a Service has no generation; its selector changed by hand
+    edited["spec"] = {"selector": {"app": "someone-else"}}
+    stale = child("Service", "m", "u1", version=9)
+    assert own.children(KEY, "Service", [stale])[0]["metadata"]["resourceVersion"] == "10"  # older than ours
+    assert own.children(KEY, "Service", [edited]) == [edited]
 
 
 def test_a_deleted_job_is_hidden_until_gone_and_a_new_one_of_the_same_name_shows() -> None:
