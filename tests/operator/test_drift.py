@@ -30,9 +30,12 @@ def test_hand_edits_of_owned_fields_are_restored_once_and_told(env: Env, models:
     selector = env.core.read_namespaced_service("drifty", env.namespace).spec.selector
     batching = env.core.read_namespaced_config_map("drifty-batching", env.namespace).data
     offset = env.audit_offset()
+    # A label of someone else's first: not the operator's to judge (and no concurrent write to race the repair,
+    # which would be refused with 409 and retried: a second update in the count).
+    env.core.patch_namespaced_service("drifty", env.namespace, {"metadata": {"labels": {"team": "search"}}})
 
     # What `kubectl edit` does: the image and the NeuronCore count of the pods, the Service's selector, the
-    # batching file; and a label of someone else's, which is not the operator's to judge.
+    # batching file.
     index = next(
         i
         for i, c in enumerate(
@@ -52,7 +55,6 @@ def test_hand_edits_of_owned_fields_are_restored_once_and_told(env: Env, models:
     )
     env.core.patch_namespaced_service("drifty", env.namespace, {"spec": {"selector": {"app": "someone-else"}}})
     env.core.patch_namespaced_config_map("drifty-batching", env.namespace, {"data": {"batching.config": "hacked"}})
-    env.core.patch_namespaced_service("drifty", env.namespace, {"metadata": {"labels": {"team": "search"}}})
 
     wait_for(lambda: serving_container(env, "drifty").image == image, what="the image restored")
     assert serving_container(env, "drifty").resources.limits[NEURONCORE] == "1"
