@@ -34,6 +34,10 @@ SOURCE_DIR, STORE_DIR, MODELS_DIR = "/source", "/store", "/models"
 BATCHING_FILE = "/etc/tfserving/batching.config"
 TERMINATION_LOG = "/dev/termination-log"  # the container's termination message: the rewrite's report
 REWRITE_RESOURCES = {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
+# A new serving pod shows no progress to the Deployment controller until it is available: scheduling, the pull of a
+# multi-GiB Neuron image and the model's load (up to the startup timeout) all come first. The progress deadline is
+# the startup timeout plus this margin, so a healthy load is never reported ProgressDeadlineExceeded.
+PROGRESS_MARGIN_SECONDS = 300
 DRAIN_SECONDS = 5  # how long a stopping serving pod keeps answering (preStop), well inside the 30 s grace period
 
 
@@ -347,6 +351,7 @@ def serving_deployment(model: Model, config: OperatorConfig, rewrite_id: str) ->
             },
             "spec": {
                 "replicas": spec.get("replicas", 1),
+                "progressDeadlineSeconds": startup_timeout + PROGRESS_MARGIN_SECONDS,
                 "selector": {"matchLabels": selector(model.name)},
                 "strategy": spec.get("strategy") or DEFAULT_STRATEGY,
                 "template": {

@@ -292,6 +292,18 @@ def test_deployment_startup_probe_follows_the_startup_timeout() -> None:
     )
 
 
+@pytest.mark.parametrize("startup", [None, 900, 1800])
+def test_deployment_progress_deadline_outlasts_the_startup_timeout(startup: int | None) -> None:
+    # The Deployment controller's default, 600 s, would call a healthy load of a large model a failure.
+    spec = make_spec()
+    if startup is not None:
+        spec["serving"]["startupTimeoutSeconds"] = startup
+    built = deployment(Model("resnet50", NAMESPACE, "uid", spec))
+    probe = container(built, "tfserving")["startupProbe"]
+    allowed = probe["periodSeconds"] * probe["failureThreshold"]
+    assert built["spec"]["progressDeadlineSeconds"] >= allowed + 300
+
+
 def test_deployment_model_name_defaults_to_the_object_name() -> None:
     model = make_model(name="bert", model={"version": 1})
     server = container(deployment(model), "tfserving")

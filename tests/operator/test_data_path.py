@@ -203,3 +203,17 @@ def test_the_s3_region_of_the_spec_is_the_one_requests_are_signed_for(
     # botocore retries a wrong-region request in the bucket's region by itself, so the model would serve anyway:
     # the refused requests in the server's log are what show a region setting without effect.
     assert [line for line in refusals(local_s3.log) if "/eu-models" in line] == []
+
+
+def test_a_long_startup_timeout_gets_a_progress_deadline_beyond_it(env: Env, models: dict[str, Path]) -> None:
+    # The controller-manager's Deployment controller reports ProgressDeadlineExceeded once a rollout shows no progress
+    # for progressDeadlineSeconds (600 s unless set): a model allowed 900 s to load must be given longer than that.
+    env.hostpath_claim("compiled", models["bert"])
+    manifest = neuron_model("large", "compiled")
+    manifest["spec"]["serving"]["startupTimeoutSeconds"] = 900
+    assert env.apply(manifest).returncode == 0
+    env.wait_phase("large", "Ready")
+    deployment = env.apps.read_namespaced_deployment("large", env.namespace)
+    assert deployment.spec.progress_deadline_seconds == 900 + 300
+    progressing = {c.type: c.reason for c in deployment.status.conditions}["Progressing"]
+    assert progressing == "NewReplicaSetAvailable"
