@@ -332,9 +332,28 @@ class PodRunner(threading.Thread):
             elif volume.secret:
                 data = self.core.read_namespaced_secret(volume.secret.secret_name, ns).data or {}
                 out[volume.name] = self._write_files(volume.name, {k: base64.b64decode(v) for k, v in data.items()})
+            elif volume.downward_api:
+                items = volume.downward_api.items or []
+                out[volume.name] = self._write_files(volume.name, {i.path: self._field(i).encode() for i in items})
             else:
-                out[volume.name] = self._fresh_dir(volume.name, 0o777)  # projected/downwardAPI: present, empty
+                out[volume.name] = self._fresh_dir(volume.name, 0o777)  # projected: present, empty
         return out
+
+    def _field(self, item: Any) -> str:
+        """A downwardAPI file's content, as the kubelet writes it (a whole map as sorted key="value" lines)."""
+        if item.field_ref is None:
+            raise NotImplementedError(f"the node agent supports only fieldRef items in downwardAPI volumes: {item}")
+        path, meta = item.field_ref.field_path, self.pod.metadata
+        for name in ("labels", "annotations"):
+            values = getattr(meta, name) or {}
+            if path == f"metadata.{name}":
+                return "\n".join(f'{k}="{values[k]}"' for k in sorted(values))
+            if path.startswith(f"metadata.{name}['") and path.endswith("']"):
+                return values.get(path[len(f"metadata.{name}['") : -2], "")
+        simple = {"metadata.name": meta.name, "metadata.namespace": meta.namespace, "metadata.uid": meta.uid}
+        if path not in simple:
+            raise NotImplementedError(f"the node agent cannot resolve downwardAPI fieldPath {path}")
+        return simple[path]
 
     def _claim_path(self, namespace: str, claim: str) -> Path:
         try:
@@ -355,9 +374,11 @@ class PodRunner(threading.Thread):
         return path
 
     def _write_files(self, name: str, files: dict[str, bytes]) -> Path:
-        """A configMap or secret volume: readable by any user, writable by none but root (mounted read-only)."""
+        """A configMap, secret or downwardAPI volume: readable by any user, writable by none but root (mounted
+        read-only)."""
         path = self._fresh_dir(name, 0o755)
         for key, value in files.items():
+            (path / key).parent.mkdir(parents=True, exist_ok=True)
             (path / key).write_bytes(value)
             (path / key).chmod(0o644)
         return path

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from neuron_rewrite import RewriteError, inspect_model
+from tfserving_standin.config import check_batching_parameters, monitoring_path
+from tfserving_standin.status import StatusError
 
 SERVER_PREFIX = "tensorflow_model_server"
 
@@ -63,6 +65,17 @@ def check_serving_container(
             f"failed to load servable {name} version {latest.name}: SavedModel file does not exist at: "
             f"{where}/{{saved_model.pbtxt|saved_model.pb}}"
         )
+    # The server parses its config files at start-up and exits on one it cannot read (the stand-in's words).
+    for flag, parse in (
+        ("batching_parameters_file", check_batching_parameters),
+        ("monitoring_config_file", monitoring_path),
+    ):
+        given = _flag(argv, flag)
+        if given:
+            try:
+                parse(to_host(given))
+            except StatusError as exc:
+                return f"Failed to start server. Error: {str(exc).replace(to_host(given), given)}"
     ops = _neuron_ops(latest, _identity(latest))
     if isinstance(ops, str):
         return f"failed to load servable {name} version {latest.name}: {ops}"

@@ -9,6 +9,7 @@ from typing import Any
 from neuron_rewrite import FORMAT_VERSION
 
 from .config import OperatorConfig
+from .instances import cores_per_pod
 from .naming import SPEC_HASH_ANNOTATION, bounded, digest, job_name, labels, selector, serving_name
 
 NEURONCORE = "aws.amazon.com/neuroncore"
@@ -16,6 +17,11 @@ REWRITE_ANNOTATION = "serving.neuron.dev/rewrite"
 VERSION_ANNOTATION = "serving.neuron.dev/version"
 CORES_ANNOTATION = "serving.neuron.dev/cores"
 BATCHING_ANNOTATION = "serving.neuron.dev/batching"
+# TF Serving reads its Prometheus settings from a file: the pod carries them in this annotation, and a downwardAPI
+# volume makes the file of it. No object of its own (a ConfigMap would cost every model a write and a watch event).
+MONITORING_ANNOTATION = "serving.neuron.dev/monitoring-config"
+MONITORING_DIR = "/etc/tfserving/monitoring"
+METRICS_PATH = "/monitoring/prometheus/metrics"  # TF Serving's default
 NONROOT = 65532
 POD_SECURITY = {
     "runAsNonRoot": True,
@@ -32,12 +38,17 @@ CONTAINER_SECURITY = {
 DEFAULT_STRATEGY = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
 SOURCE_DIR, STORE_DIR, MODELS_DIR = "/source", "/store", "/models"
 BATCHING_FILE = "/etc/tfserving/batching.config"
+# The serving pod template's own volumes, mount paths and server container: a spec's additions must not clash.
+SERVING_VOLUMES = ("models", "tmp", "batching", "monitoring")
+SERVING_MOUNT_PATHS = (MODELS_DIR, "/tmp", "/etc/tfserving")
+SERVER_CONTAINER = "tfserving"
 TERMINATION_LOG = "/dev/termination-log"  # the container's termination message: the rewrite's report
 REWRITE_RESOURCES = {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
 # A new serving pod shows no progress to the Deployment controller until it is available: scheduling, the pull of a
 # multi-GiB Neuron image and the model's load (up to the startup timeout) all come first. The progress deadline is
 # the startup timeout plus this margin, so a healthy load is never reported ProgressDeadlineExceeded.
 PROGRESS_MARGIN_SECONDS = 300
+CLEANUP_COMPONENT = "store-cleanup"  # the component label of the store clean-up Jobs
 DRAIN_SECONDS = 5  # how long a stopping serving pod keeps answering (preStop), well inside the 30 s grace period
 
 
@@ -78,7 +89,8 @@ class Model:
 
     @property
     def cores(self) -> int:
-        return int(self.spec["numCores"])
+        """NeuronCores per pod, "auto" resolved (validation has refused a spec where it cannot be)."""
+        return cores_per_pod(self.spec)
 
     @property
     def store_path(self) -> str:
@@ -200,36 +212,73 @@ def rewrite_job(model: Model, config: OperatorConfig) -> dict[str, Any]:
         "resources": _over(REWRITE_RESOURCES, rewrite.get("resources")),
     }
     pod_labels = labels(model.name, "rewrite") | {"serving.neuron.dev/rewrite": rewrite_id}
-    return _with_hash(
-        {
-            "apiVersion": "batch/v1",
-            "kind": "Job",
-            "metadata": {"name": job_name(model.name, rewrite_id), "namespace": model.namespace, "labels": pod_labels},
-            "spec": {
-                "backoffLimit": rewrite.get("backoffLimit", 2),
-                "activeDeadlineSeconds": rewrite.get("activeDeadlineSeconds", 1800),
-                "template": {
-                    "metadata": {"labels": pod_labels},
-                    "spec": {
-                        "restartPolicy": "Never",
-                        "automountServiceAccountToken": False,  # it never calls the Kubernetes API
-                        "securityContext": _over(POD_SECURITY, rewrite.get("podSecurityContext")),
-                        "initContainers": init_containers,
-                        "containers": [container],
-                        "volumes": volumes,
-                        **_placement(rewrite),
-                        **_service_account(spec),
-                        **_pull_secrets(spec),
-                    },
+    job = _store_job(model, job_name(model.name, rewrite_id), pod_labels, [container], volumes)
+    job["spec"]["backoffLimit"] = rewrite.get("backoffLimit", 2)
+    job["spec"]["activeDeadlineSeconds"] = rewrite.get("activeDeadlineSeconds", 1800)
+    job["spec"]["template"]["spec"]["initContainers"] = init_containers
+    return _with_hash(job)
+
+
+def _store_job(
+    model: Model, name: str, pod_labels: dict[str, str], containers: list[dict], volumes: list[dict]
+) -> dict[str, Any]:
+    """A Job that works on the store as the rewrite does: its user (the store's owner), placement and identity."""
+    rewrite = model.rewrite
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": model.namespace, "labels": pod_labels},
+        "spec": {
+            "template": {
+                "metadata": {"labels": pod_labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,  # it never calls the Kubernetes API
+                    "securityContext": _over(POD_SECURITY, rewrite.get("podSecurityContext")),
+                    "containers": containers,
+                    "volumes": volumes,
+                    **_placement(rewrite),
+                    **_service_account(model.spec),
+                    **_pull_secrets(model.spec),
                 },
             },
-        }
-    )
+        },
+    }
+
+
+def store_cleanup_job(model: Model, config: OperatorConfig, keep: list[str], rewrite_id: str | None) -> dict[str, Any]:
+    """The Job that removes from the model's store directory every rewrite but ``keep`` (the served one and its
+    fallbacks), and what interrupted rewrites left; ``rewrite_id`` None: the model is gone, remove them all."""
+    suffix = f"-clean-{rewrite_id}" if rewrite_id else "-clean-deleted"  # reconcile.DELETED_SUFFIX
+    command = ["neuron-store-clean", f"{STORE_DIR}/{model.store_path}"]
+    for kept in keep:
+        command += ["--keep", kept]
+    container = {
+        "name": "clean",
+        "image": model.rewrite_image(config),
+        "command": [*command, "--report_file", TERMINATION_LOG],
+        "volumeMounts": [{"name": "store", "mountPath": STORE_DIR}],
+        "securityContext": CONTAINER_SECURITY,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
+    }
+    store = [{"name": "store", "persistentVolumeClaim": {"claimName": model.spec["store"]["claimName"]}}]
+    job = _store_job(model, bounded(model.name, suffix), labels(model.name, CLEANUP_COMPONENT), [container], store)
+    job["spec"] |= {"backoffLimit": 1, "activeDeadlineSeconds": 600}
+    if rewrite_id is None:
+        job["spec"]["ttlSecondsAfterFinished"] = 3600  # no model owns it: it goes by itself if the operator is away
+    return _with_hash(job)
 
 
 def _batching(serving: dict[str, Any]) -> dict[str, Any] | None:
     batching = serving.get("batching") or {}
     return batching if batching.get("enabled") else None
+
+
+def serving_metrics_path(model: Model) -> str | None:
+    """Where TF Serving serves Prometheus metrics on its REST port; None when turned off."""
+    metrics = model.serving.get("metrics") or {}
+    return metrics.get("path", METRICS_PATH) if metrics.get("enabled", True) else None
 
 
 def batching_config_map(model: Model) -> dict[str, Any] | None:
@@ -289,13 +338,35 @@ def serving_deployment(model: Model, config: OperatorConfig, rewrite_id: str) ->
         volumes.append({"name": "batching", "configMap": {"name": config_map["metadata"]["name"]}})
         # TF Serving reads the file once: a change of parameters must roll the pods.
         template_annotations[BATCHING_ANNOTATION] = config_map["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+    metrics_path = serving_metrics_path(model)
+    if metrics_path is not None:
+        args.append(f"--monitoring_config_file={MONITORING_DIR}/monitoring.config")
+        mounts.append({"name": "monitoring", "mountPath": MONITORING_DIR, "readOnly": True})
+        field = f"metadata.annotations['{MONITORING_ANNOTATION}']"
+        volumes.append(
+            {
+                "name": "monitoring",
+                "downwardAPI": {"items": [{"path": "monitoring.config", "fieldRef": {"fieldPath": field}}]},
+            }
+        )
+        template_annotations |= {
+            MONITORING_ANNOTATION: f'prometheus_config {{ enable: true, path: "{metrics_path}" }}',
+            # Where Prometheus' usual Kubernetes pod discovery finds the metrics: on the REST port.
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(rest),
+            "prometheus.io/path": metrics_path,
+        }
     resources = copy.deepcopy(serving.get("resources") or {})
     for kind in ("requests", "limits"):
         resources.setdefault(kind, {})[NEURONCORE] = str(model.cores)
     model_path = f"/v1/models/{model.model_name}"
     startup_timeout = serving.get("startupTimeoutSeconds", 600)
+    probes = serving.get("probes") or {}
+    startup_period = (probes.get("startup") or {}).get("periodSeconds", 10)
+    mounts += list(serving.get("volumeMounts") or [])
+    volumes += list(serving.get("volumes") or [])
     container = {
-        "name": "tfserving",
+        "name": SERVER_CONTAINER,
         "image": serving.get("image") or config.serving_image,
         "command": serving.get("command") or ["tensorflow_model_server_neuronx"],
         "args": args + list(serving.get("extraArgs") or []),
@@ -306,13 +377,18 @@ def serving_deployment(model: Model, config: OperatorConfig, rewrite_id: str) ->
         "env": list(serving.get("env") or []),
         "resources": resources,
         # "Ready" means the model is loaded, not that the port is open.
-        "readinessProbe": {"httpGet": {"path": model_path, "port": "http"}, "periodSeconds": 5, "failureThreshold": 3},
-        "startupProbe": {
-            "httpGet": {"path": model_path, "port": "http"},
-            "periodSeconds": 10,
-            "failureThreshold": max(1, startup_timeout // 10),
-        },
-        "livenessProbe": {"tcpSocket": {"port": "grpc"}, "periodSeconds": 10, "failureThreshold": 6},
+        "readinessProbe": _over(
+            {"httpGet": {"path": model_path, "port": "http"}, "periodSeconds": 5, "failureThreshold": 3},
+            probes.get("readiness"),
+        ),
+        "startupProbe": _over(
+            {"httpGet": {"path": model_path, "port": "http"}, "periodSeconds": 10},
+            probes.get("startup"),
+        )
+        | {"failureThreshold": max(1, startup_timeout // startup_period)},  # the startup timeout decides
+        "livenessProbe": _over(
+            {"tcpSocket": {"port": "grpc"}, "periodSeconds": 10, "failureThreshold": 6}, probes.get("liveness")
+        ),
         # A terminating pod leaves the Service's endpoints, and then kube-proxy's rules, a moment after it is told to
         # stop; TF Serving exits at SIGTERM, so requests routed in that moment would fail. The kubelet runs this
         # before the SIGTERM.
@@ -322,7 +398,7 @@ def serving_deployment(model: Model, config: OperatorConfig, rewrite_id: str) ->
     }
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,  # TF Serving never calls the Kubernetes API
-        "containers": [container],
+        "containers": [container, *(serving.get("sidecars") or [])],
         "volumes": volumes,
         "securityContext": _over(POD_SECURITY, serving.get("podSecurityContext")),
         "tolerations": list(spec.get("tolerations") or config.default_tolerations),
@@ -332,6 +408,15 @@ def serving_deployment(model: Model, config: OperatorConfig, rewrite_id: str) ->
     for key in ("nodeSelector", "affinity"):
         if spec.get(key):
             pod_spec[key] = spec[key]
+    for key in ("priorityClassName", "terminationGracePeriodSeconds"):
+        if serving.get(key) is not None:
+            pod_spec[key] = serving[key]
+    if serving.get("topologySpreadConstraints"):
+        # Without a labelSelector a constraint counts no pod at all: spread this model's serving pods by default.
+        pod_spec["topologySpreadConstraints"] = [
+            {"labelSelector": {"matchLabels": selector(model.name)}} | constraint
+            for constraint in serving["topologySpreadConstraints"]
+        ]
     scheduler = spec.get("schedulerName") or config.scheduler_name
     if scheduler:
         pod_spec["schedulerName"] = scheduler
@@ -356,8 +441,11 @@ def serving_deployment(model: Model, config: OperatorConfig, rewrite_id: str) ->
                 "strategy": spec.get("strategy") or DEFAULT_STRATEGY,
                 "template": {
                     "metadata": {
-                        "labels": labels(model.name, "serving") | selector(model.name),
-                        "annotations": template_annotations,
+                        # Ours win: validation refuses a podLabels key the selector or the indexes rely on.
+                        "labels": (serving.get("podLabels") or {})
+                        | labels(model.name, "serving")
+                        | selector(model.name),
+                        "annotations": (serving.get("podAnnotations") or {}) | template_annotations,
                     },
                     "spec": pod_spec,
                 },
@@ -383,6 +471,53 @@ def serving_service(model: Model) -> dict[str, Any]:
                     {"name": "grpc", "port": serving.get("grpcPort", 8500), "targetPort": "grpc", "protocol": "TCP"},
                     {"name": "http", "port": serving.get("restPort", 8501), "targetPort": "http", "protocol": "TCP"},
                 ],
+            },
+        }
+    )
+
+
+def disruption_budget(model: Model, config: OperatorConfig) -> dict[str, Any] | None:
+    """At most maxUnavailable serving pods evicted at once (node drains, Karpenter consolidation); none for a single
+    replica, where any budget would either allow its eviction anyway or block every drain of its node."""
+    budget = model.spec.get("disruptionBudget") or {}
+    if not budget.get("enabled", config.disruption_budget) or model.spec.get("replicas", 1) <= 1:
+        return None
+    if "minAvailable" in budget:
+        limit = {"minAvailable": budget["minAvailable"]}
+    else:
+        limit = {"maxUnavailable": budget.get("maxUnavailable", config.max_unavailable)}
+    return _with_hash(
+        {
+            "apiVersion": config.disruption_budget_api,
+            "kind": "PodDisruptionBudget",
+            "metadata": {
+                "name": serving_name(model.name),
+                "namespace": model.namespace,
+                "labels": labels(model.name, "serving"),
+            },
+            "spec": {"selector": {"matchLabels": selector(model.name)}, **limit},
+        }
+    )
+
+
+def service_monitor(model: Model, config: OperatorConfig) -> dict[str, Any] | None:
+    """The Prometheus operator's scrape target for the model's TF Serving metrics, where its CRD is installed."""
+    path = serving_metrics_path(model)
+    if path is None or not config.service_monitors:
+        return None
+    return _with_hash(
+        {
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "ServiceMonitor",
+            "metadata": {
+                "name": serving_name(model.name),
+                "namespace": model.namespace,
+                "labels": labels(model.name, "serving"),
+            },
+            "spec": {
+                "selector": {"matchLabels": selector(model.name)},  # the model's Service, which carries them
+                "namespaceSelector": {"matchNames": [model.namespace]},
+                "endpoints": [{"port": "http", "path": path}],
             },
         }
     )

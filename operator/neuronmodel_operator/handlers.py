@@ -8,6 +8,7 @@ for the operator.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 from typing import Any
 
@@ -16,16 +17,28 @@ import kubernetes
 import urllib3
 from kubernetes.client.rest import ApiException
 
+from . import metrics
 from .config import OperatorConfig
 from .crd import stale_crd_message
 from .naming import GROUP, MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL, model_label
 from .own_writes import ModelKey, slim
 from .peering import Peering
-from .reconcile import REQUEST_TIMEOUT, VERSION, Api, ChildRefused, Children, api_message, reconcile
+from .reconcile import (
+    REQUEST_TIMEOUT,
+    VERSION,
+    Api,
+    ChildRefused,
+    Children,
+    api_message,
+    clean_up_deleted,
+    finish_deleted_cleanups,
+    reconcile,
+)
 from .scheduling import KeyedLocks, Timers
 
 OWNED = {MANAGED_BY_LABEL: MANAGED_BY}
-REQUIRED_GROUPS = {GROUP, "apps", "batch"}
+REQUIRED_GROUPS = {GROUP, "apps", "batch", "policy"}
+MONITORING_GROUP = "monitoring.coreos.com"  # the Prometheus operator's: ServiceMonitors where it is installed
 RETRY_SECONDS, MAX_RETRY_SECONDS = 2, 60
 log = logging.getLogger("neuronmodel_operator")
 _state: dict[str, Any] = {}
@@ -44,27 +57,38 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any)
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()
-    _wait_for_api_groups()
+    served = _wait_for_api_groups()
+    policy = served["policy"]
     stale = stale_crd_message()
     if stale is not None:
         raise kopf.TemporaryError(stale, delay=10)  # not ready (the chart's probe fails) until the CRD is applied
-    _state["config"] = OperatorConfig.from_env()
+    # The version Kopf watches too: the group's preferred one (v1 from Kubernetes 1.21, v1beta1 before).
+    _state["config"] = dataclasses.replace(
+        OperatorConfig.from_env(), disruption_budget_api=policy, service_monitors=MONITORING_GROUP in served
+    )
     _state["peering"] = Peering.of(settings)
+    if _state["config"].metrics_port and "metrics" not in _state:
+        metrics.serve(_state["config"].metrics_port)
+        _state["metrics"] = True
+        logger.info("metrics served on port %d at /metrics", _state["config"].metrics_port)
     _state["api"] = Api()
     logger.info("operator configured: rewrite image default %r", _state["config"].rewrite_image or "(none)")
 
 
-def _wait_for_api_groups() -> None:
+def _wait_for_api_groups() -> dict[str, str]:
     """Kopf resolves the watched resources once, at start: if the apiserver is restarting or the CRD is not
-    installed yet, it would serve nothing and say nothing. So start only once the API serves them all."""
+    installed yet, it would serve nothing and say nothing. So start only once the API serves them all. Returns
+    each group's preferred group/version."""
     try:
-        served = {group.name for group in kubernetes.client.ApisApi().get_api_versions().groups}
+        groups = kubernetes.client.ApisApi().get_api_versions().groups
+        served = {group.name: group.preferred_version.group_version for group in groups}
     except (ApiException, OSError, urllib3.exceptions.HTTPError) as exc:
         raise kopf.TemporaryError(f"the Kubernetes API is not reachable yet: {exc}", delay=2) from exc
-    missing = sorted(REQUIRED_GROUPS - served)
+    missing = sorted(REQUIRED_GROUPS - served.keys())
     if missing:
         hint = " (is the NeuronModel CRD installed?)" if GROUP in missing else ""
         raise kopf.TemporaryError(f"the API does not serve {', '.join(missing)} yet{hint}", delay=2)
+    return served
 
 
 @kopf.on.probe(id="indexes")
@@ -104,6 +128,16 @@ def configmaps_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: 
     return {_child_key(namespace, labels): slim(body)}
 
 
+@kopf.index("policy", "poddisruptionbudgets", labels=OWNED)  # the preferred version, as the operator writes
+def budgets_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    return {_child_key(namespace, labels): slim(body)}
+
+
+@kopf.index(MONITORING_GROUP, "servicemonitors", labels=OWNED)  # served only where the CRD is installed
+def monitors_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    return {_child_key(namespace, labels): slim(body)}
+
+
 @kopf.index("v1", "pods", labels=OWNED)
 def pods_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
     return {_child_key(namespace, labels): slim(body)}
@@ -119,8 +153,6 @@ def _reconcile_key(key: ModelKey, indexes: dict[str, kopf.Index], attempt: int =
     api: Api = _state["api"]
     with _locks.hold(key):
         models = list(indexes["models_index"].get(key, []))
-        if not models:
-            return
 
         def of(index: str, kind: str) -> list:
             return api.own.children(key, kind, list(indexes[index].get(key, [])))
@@ -130,13 +162,20 @@ def _reconcile_key(key: ModelKey, indexes: dict[str, kopf.Index], attempt: int =
             of("deployments_index", "Deployment"),
             of("services_index", "Service"),
             of("configmaps_index", "ConfigMap"),
+            of("budgets_index", "PodDisruptionBudget"),
+            of("monitors_index", "ServiceMonitor"),
             list(indexes["pods_index"].get(key, [])),
         )
         try:
             if timed and _outranked(key, api):
                 return  # Kopf lists every object again when it resumes this replica: nothing is lost
+            if not models:
+                finish_deleted_cleanups(api, children)
+                return
             requeue = reconcile(models[0], children, api, _state["config"])
+            metrics.RECONCILES.inc()
         except (ApiException, OSError, urllib3.exceptions.HTTPError, ChildRefused) as exc:
+            metrics.RECONCILE_ERRORS.labels(reason=_error_reason(exc)).inc()
             # Temporary (the API unreachable, a conflict), or a child refused (told in the status; a quota may be
             # raised, a foreign object removed): event handlers are not retried by Kopf, and no finalizer should
             # hold a model for a timer, so retry here. A spec that cannot work is reported in the status, and
@@ -147,6 +186,12 @@ def _reconcile_key(key: ModelKey, indexes: dict[str, kopf.Index], attempt: int =
             return
     if requeue is not None:
         _later(requeue, key, indexes)
+
+
+def _error_reason(exc: Exception) -> str:
+    if isinstance(exc, ChildRefused):
+        return exc.reason
+    return "ApiError" if isinstance(exc, ApiException) else "Unreachable"
 
 
 def _one_line(exc: Exception) -> str:
@@ -177,14 +222,29 @@ def model_changed(type: str, namespace: str, name: str, **kwargs: Any) -> None:
     # Gone: nothing of it stays in memory (its children go with it, through their owner references; its lock
     # with its last user).
     _timers.cancel(key)
-    if "api" in _state:
-        _state["api"].own.forget(key)
+    metrics.MODEL_PHASES.forget(key)
+    if "api" not in _state:
+        return
+    _state["api"].own.forget(key)
+    others = [
+        m
+        for (ns, _), bodies in kwargs["models_index"].items()
+        if ns == namespace
+        for m in bodies
+        if m["metadata"]["name"] != name  # the index may still hold the deleted model
+    ]
+    try:
+        clean_up_deleted(kwargs["body"], _state["api"], _state["config"], others)
+    except (ApiException, OSError, urllib3.exceptions.HTTPError, ChildRefused) as exc:
+        log.warning("store clean-up of deleted model %s/%s not started: %s", namespace, name, _one_line(exc))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=OWNED)
 @kopf.on.event("apps", "v1", "deployments", labels=OWNED)
 @kopf.on.event("v1", "configmaps", labels=OWNED)
 @kopf.on.event("v1", "services", labels=OWNED)
+@kopf.on.event("policy", "poddisruptionbudgets", labels=OWNED)
+@kopf.on.event(MONITORING_GROUP, "servicemonitors", labels=OWNED)
 @kopf.on.event("v1", "pods", labels=OWNED)
 def child_changed(namespace: str, labels: kopf.Labels, **kwargs: Any) -> None:
     _reconcile_key(_child_key(namespace, labels), kwargs)

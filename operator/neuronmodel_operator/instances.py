@@ -1,6 +1,9 @@
-"""NeuronCores per node of each Neuron instance type (from shared/reference/neuron.md)."""
+"""NeuronCores per node of each Neuron instance type (AWS's Neuron documentation, "Inf2/Trn1 architecture"), and
+which instance types a spec pins its serving pods to."""
 
 from __future__ import annotations
+
+from typing import Any
 
 NEURONCORES_PER_NODE: dict[str, int] = {
     "inf1.xlarge": 4,
@@ -17,3 +20,50 @@ NEURONCORES_PER_NODE: dict[str, int] = {
     "trn2.48xlarge": 64,  # logical cores at the default LNC=2 (128 physical)
 }
 INSTANCE_TYPE_LABELS = ("node.kubernetes.io/instance-type", "beta.kubernetes.io/instance-type")
+AUTO_CORES = "auto"
+
+
+def pinned_instance_types(spec: dict[str, Any]) -> set[str]:
+    """The instance types the serving pods can only run on (nodeSelector, or every required affinity term); empty
+    when any node would do."""
+    selector = spec.get("nodeSelector") or {}
+    for label in INSTANCE_TYPE_LABELS:
+        if label in selector:
+            return {selector[label]}
+    affinity = (spec.get("affinity") or {}).get("nodeAffinity") or {}
+    terms = (affinity.get("requiredDuringSchedulingIgnoredDuringExecution") or {}).get("nodeSelectorTerms") or []
+    types: set[str] = set()
+    for term in terms:
+        expressions = [e for e in term.get("matchExpressions") or [] if e.get("key") in INSTANCE_TYPE_LABELS]
+        if not expressions or expressions[0].get("operator") != "In":
+            return set()  # a term that does not pin an instance type admits any node
+        types.update(expressions[0].get("values") or [])
+    return types
+
+
+def cores_per_pod(spec: dict[str, Any]) -> int:
+    """spec.numCores, with "auto" as all NeuronCores of the pinned instance type. ValueError, naming the field and
+    what it needs, when "auto" has no single known core count to stand for."""
+    cores = spec.get("numCores")
+    if cores != AUTO_CORES:
+        return int(cores)
+    pinned = pinned_instance_types(spec)
+    if not pinned:
+        raise ValueError(
+            'spec.numCores is "auto" but the pods are not pinned to an instance type: set spec.nodeSelector '
+            "node.kubernetes.io/instance-type (e.g. inf2.xlarge), or a number of NeuronCores"
+        )
+    unknown = sorted(pinned - NEURONCORES_PER_NODE.keys())
+    if unknown:
+        raise ValueError(
+            f'spec.numCores is "auto" but the NeuronCores of {", ".join(unknown)} are not known to the operator '
+            f"(it knows {', '.join(sorted(NEURONCORES_PER_NODE))}): set a number of NeuronCores"
+        )
+    counts = {NEURONCORES_PER_NODE[t] for t in pinned}
+    if len(counts) > 1:
+        listed = ", ".join(f"{t} ({NEURONCORES_PER_NODE[t]})" for t in sorted(pinned))
+        raise ValueError(
+            f'spec.numCores is "auto" but the pods may run on instance types with different NeuronCores ({listed}): '
+            "pin one, or set a number of NeuronCores"
+        )
+    return counts.pop()

@@ -9,29 +9,36 @@ import copy
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import kopf
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
+from . import metrics
 from .builders import (
+    CLEANUP_COMPONENT,
     Model,
     batching_config_map,
+    disruption_budget,
     rewrite_job,
+    service_monitor,
     serving_deployment,
     serving_service,
+    store_cleanup_job,
 )
 from .config import OperatorConfig
 from .drift import drifted
-from .naming import GROUP, SPEC_HASH_ANNOTATION, job_name, model_label
+from .naming import COMPONENT_LABEL, GROUP, SPEC_HASH_ANNOTATION, bounded, job_name, model_label
 from .own_writes import OwnWrites, slim, without_none
-from .status import REPORT_FIELDS, Observed, Retry, compute_status, job_outcome
+from .status import REPORT_FIELDS, Observed, Retry, compute_status, failure_message, job_outcome, rewrite_report
 from .validation import SpecError, validate
 
 VERSION, PLURAL = "v1alpha1", "neuronmodels"
+CUSTOM_PLURALS = {"PodDisruptionBudget": "poddisruptionbudgets", "ServiceMonitor": "servicemonitors"}
 USER_AGENT = "neuronmodel-operator"
 # (connect, read) seconds of every API call: a hung connection must not hold a model's lock for ever; the call
 # fails, and the reconcile is retried with back-off.
@@ -40,6 +47,7 @@ REWRITE_RETRY_SECONDS, MAX_REWRITE_RETRY_SECONDS = 30, 600
 # A status change that only moves counts (pods starting one by one) waits until this long after the last status
 # write, so a rollout of many pods costs a few writes, not one per pod event. Phase changes go out at once.
 COUNTS_INTERVAL_SECONDS = 5.0
+NAMESAKE_WAIT_SECONDS = 2.0
 log = logging.getLogger("neuronmodel_operator")
 
 
@@ -93,12 +101,51 @@ def _foreign(obj: dict[str, Any]) -> ChildRefused:
 class Children:
     """The observed children of one model, as the indexes hold them."""
 
-    def __init__(self, jobs: list, deployments: list, services: list, config_maps: list, pods: list) -> None:
-        self.jobs = {j["metadata"]["name"]: j for j in jobs}
+    def __init__(
+        self,
+        jobs: list,
+        deployments: list,
+        services: list,
+        config_maps: list,
+        budgets: list,
+        monitors: list,
+        pods: list,
+    ) -> None:
+        def cleanup(job: dict[str, Any]) -> bool:
+            return (job["metadata"].get("labels") or {}).get(COMPONENT_LABEL) == CLEANUP_COMPONENT
+
+        self.jobs = {j["metadata"]["name"]: j for j in jobs if not cleanup(j)}
+        self.cleanups = {j["metadata"]["name"]: j for j in jobs if cleanup(j)}
         self.deployment = deployments[0] if deployments else None
         self.service = services[0] if services else None
         self.config_map = config_maps[0] if config_maps else None
+        self.budget = budgets[0] if budgets else None
+        self.monitor = monitors[0] if monitors else None
         self.pods = pods
+
+    def pods_of_job(self, name: str | None) -> list[dict[str, Any]]:
+        return [p for p in self.pods if (p["metadata"].get("labels") or {}).get("job-name") == name]
+
+
+@dataclass
+class Scope:
+    """What each step of one model's reconcile works with: the API, the model (and its body, the owner of what the
+    step creates), the operator's settings and the model's children as observed."""
+
+    api: Api
+    body: kopf.Body | dict
+    model: Model
+    config: OperatorConfig
+    children: Children
+
+
+class Verbs(NamedTuple):
+    """How the client creates, reads, replaces and deletes one kind: (namespace, body) / (name, namespace[, body])."""
+
+    create: Callable[..., Any]
+    read: Callable[..., Any]
+    replace: Callable[..., Any]
+    delete: Callable[..., Any]
 
 
 class Api:
@@ -113,6 +160,48 @@ class Api:
         self.custom = client.CustomObjectsApi(api_client)
         self.own = OwnWrites()
         self._serialize = api_client.sanitize_for_serialization
+        self._verbs = {
+            "Job": Verbs(
+                self.batch.create_namespaced_job,
+                self.batch.read_namespaced_job,
+                self.batch.replace_namespaced_job,
+                self.batch.delete_namespaced_job,
+            ),
+            "Deployment": Verbs(
+                self.apps.create_namespaced_deployment,
+                self.apps.read_namespaced_deployment,
+                self.apps.replace_namespaced_deployment,
+                self.apps.delete_namespaced_deployment,
+            ),
+            "Service": Verbs(
+                self.core.create_namespaced_service,
+                self.core.read_namespaced_service,
+                self.core.replace_namespaced_service,
+                self.core.delete_namespaced_service,
+            ),
+            "ConfigMap": Verbs(
+                self.core.create_namespaced_config_map,
+                self.core.read_namespaced_config_map,
+                self.core.replace_namespaced_config_map,
+                self.core.delete_namespaced_config_map,
+            ),
+        }
+
+    def verbs(self, obj: dict[str, Any]) -> Verbs:
+        if obj["kind"] in self._verbs:
+            return self._verbs[obj["kind"]]
+        # A PodDisruptionBudget's version is the apiserver's (policy/v1 or v1beta1), a ServiceMonitor is a custom
+        # resource: both through the generic client.
+        group, version = obj["apiVersion"].split("/")
+        custom, plural = self.custom, CUSTOM_PLURALS[obj["kind"]]
+        return Verbs(
+            lambda ns, body, **kw: custom.create_namespaced_custom_object(group, version, ns, plural, body, **kw),
+            lambda name, ns, **kw: custom.get_namespaced_custom_object(group, version, ns, plural, name, **kw),
+            lambda name, ns, body, **kw: custom.replace_namespaced_custom_object(
+                group, version, ns, plural, name, body, **kw
+            ),
+            lambda name, ns, **kw: custom.delete_namespaced_custom_object(group, version, ns, plural, name, **kw),
+        )
 
     def _wrote(self, result: Any) -> dict[str, Any]:
         """Remember the object as the API returned it, and hand it back as the reconcile reads objects."""
@@ -124,22 +213,22 @@ class Api:
         """The created object; the existing one when this model made it already (a restart, or the watch lagged
         longer than OwnWrites waits). ChildRefused when the API refuses it or the name is someone else's."""
         ns, kind, name = obj["metadata"]["namespace"], obj["kind"], obj["metadata"]["name"]
-        verbs = {
-            "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
-            "Deployment": (self.apps.create_namespaced_deployment, self.apps.read_namespaced_deployment),
-            "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
-            "ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
-        }
-        create, read = verbs[kind]
+        verbs = self.verbs(obj)
         try:
-            created = self._wrote(create(ns, obj, _request_timeout=REQUEST_TIMEOUT))
+            created = self._wrote(verbs.create(ns, obj, _request_timeout=REQUEST_TIMEOUT))
         except ValidationError as exc:
             raise _refusal(exc, "create", kind, name) from exc
         except ApiException as exc:
             if exc.status != 409:
                 raise _refusal(exc, "create", kind, name) from exc
-            existing = slim(self._serialize(read(name, ns, _request_timeout=REQUEST_TIMEOUT)))
-            if not owned_by(existing, obj["metadata"]["ownerReferences"][0]["uid"]):
+            existing = slim(self._serialize(verbs.read(name, ns, _request_timeout=REQUEST_TIMEOUT)))
+            owners = obj["metadata"].get("ownerReferences") or []
+            ours = (
+                owned_by(existing, owners[0]["uid"])
+                if owners
+                else existing["metadata"]["labels"] == obj["metadata"]["labels"]
+            )
+            if not ours:
                 raise _foreign(existing) from exc
             return existing
         log.info("created %s %s/%s", kind, ns, name)
@@ -149,22 +238,19 @@ class Api:
         """PUT the whole object: a field the spec no longer sets (a nodeSelector, say) must go, not linger. Others'
         labels and annotations stay (ours win): read fresh, as the index may lag a change just made."""
         ns, kind, name = obj["metadata"]["namespace"], obj["kind"], obj["metadata"]["name"]
-        read, replace = {
-            "Deployment": (self.apps.read_namespaced_deployment, self.apps.replace_namespaced_deployment),
-            "Service": (self.core.read_namespaced_service, self.core.replace_namespaced_service),
-            "ConfigMap": (self.core.read_namespaced_config_map, self.core.replace_namespaced_config_map),
-        }[kind]
-        current = self._serialize(read(name, ns, _request_timeout=REQUEST_TIMEOUT))
+        verbs = self.verbs(obj)
+        current = self._serialize(verbs.read(name, ns, _request_timeout=REQUEST_TIMEOUT))
         obj = copy.deepcopy(obj)
         meta = obj["metadata"]
         meta["ownerReferences"] = current["metadata"].get("ownerReferences")
         for part in ("labels", "annotations"):
             meta[part] = {**(current["metadata"].get(part) or {}), **(meta.get(part) or {})}
-        if kind == "Service":  # the API updates a Service only at its resourceVersion, and never its clusterIP
+        if kind in ("Service", *CUSTOM_PLURALS):  # the API updates these only at their resourceVersion
             meta["resourceVersion"] = current["metadata"]["resourceVersion"]
+        if kind == "Service":  # and a Service's clusterIP never
             obj["spec"]["clusterIP"] = current["spec"].get("clusterIP")
         try:
-            replaced = self._wrote(replace(name, ns, obj, _request_timeout=REQUEST_TIMEOUT))
+            replaced = self._wrote(verbs.replace(name, ns, obj, _request_timeout=REQUEST_TIMEOUT))
         except (ApiException, ValidationError) as exc:
             raise _refusal(exc, "update", kind, name) from exc
         log.info("updated %s %s/%s: %s", kind, ns, name, why)
@@ -183,12 +269,10 @@ class Api:
 
     def delete(self, observed: dict[str, Any], why: str) -> None:
         meta, kind = observed["metadata"], observed["kind"]
-        delete: Callable[..., Any] = {
-            "Job": self.batch.delete_namespaced_job,
-            "ConfigMap": self.core.delete_namespaced_config_map,
-        }[kind]
         try:
-            delete(meta["name"], meta["namespace"], propagation_policy="Background", _request_timeout=REQUEST_TIMEOUT)
+            self.verbs(observed).delete(
+                meta["name"], meta["namespace"], propagation_policy="Background", _request_timeout=REQUEST_TIMEOUT
+            )
             log.info("deleted %s %s %s/%s", why, kind, meta["namespace"], meta["name"])
         except ApiException as exc:
             if exc.status != 404:
@@ -268,6 +352,7 @@ def reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Oper
     if meta.get("deletionTimestamp"):
         return None  # the garbage collector removes the children through their owner references
     model = Model.from_body(dict(body))
+    scope = Scope(api, body, model, config, children)
     key = (model.namespace, model_label(model.name))
     # Our own last write is newer than what the index may still show (the watch event of that write can lag).
     previous = api.own.status(key, dict(body.get("status") or {}))
@@ -290,15 +375,15 @@ def reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Oper
         # (a TTL, a clean-up script) without the rewrite running again.
         published = last.get("id") == rewrite_id and bool(last.get("publishedAt"))
         try:
-            job = _run_rewrite(api, body, model, config, job, published, retry)
-            _serve(api, body, model, config, children, rewrite_id, published or job_outcome(job) == "Complete")
+            if _namesake_cleaning(model, children):
+                # A deleted model of this name is having its rewrites removed: one of them may be this one's.
+                retry.wait = NAMESAKE_WAIT_SECONDS
+            else:
+                job = _run_rewrite(scope, job, published, retry)
+            _serve(scope, rewrite_id, published or job_outcome(job) == "Complete")
         except ChildRefused as exc:
             refused = exc
-    job_pods = [
-        p
-        for p in children.pods
-        if (p["metadata"].get("labels") or {}).get("job-name") == (job or {}).get("metadata", {}).get("name")
-    ]
+    job_pods = children.pods_of_job((job or {}).get("metadata", {}).get("name"))
     serving_pods = [
         p for p in children.pods if (p["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "serving"
     ]
@@ -306,32 +391,124 @@ def reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Oper
     if refused is not None:
         observed.refused = (refused.reason, str(refused))
     status = compute_status(model, meta.get("generation", 1), rewrite_id, error, observed, previous, now(), retry)
-    if status["phase"] == "Ready":
+    metrics.MODEL_PHASES.set(key, status["phase"])
+    status["store"] = previous.get("store")
+    if status["phase"] == "Ready" and rewrite_id is not None:
         # Only once the new rewrite serves in full: until then a revert must find the old rewrite's Job complete,
         # and a pod of the old rollout restarting must find the batching file it mounts.
-        for name in children.jobs.keys() - {job_name(model.name, rewrite_id or "")}:
+        for name in children.jobs.keys() - {job_name(model.name, rewrite_id)}:
             api.delete(children.jobs[name], "superseded")
         if children.config_map is not None and batching_config_map(model) is None:
             api.delete(children.config_map, "unused")
+        status["store"] = _tend_store(scope, rewrite_id, previous.get("store") or {}, retry)
     requeue = _write_status(api, body, model, status, previous, retry)
     if refused is not None:
         raise refused  # told in the status; the caller retries with a growing back-off
     return requeue
 
 
-def _run_rewrite(
-    api: Api,
-    body: kopf.Body | dict,
-    model: Model,
-    config: OperatorConfig,
-    job: dict[str, Any] | None,
-    published: bool,
-    retry: Retry,
-) -> dict[str, Any] | None:
+def _tend_store(scope: Scope, rewrite_id: str, store: dict[str, Any], retry: Retry) -> dict[str, Any]:
+    """Record the rewrite that now serves in full, and remove from the store what nothing serves or will serve: a
+    clean-up Job keeps it and the last ``retainRewrites`` served before it. Returns status.store."""
+    api, body, model, children = scope.api, scope.body, scope.model, scope.children
+    served_before = [i for i in store.get("served") or [] if i != rewrite_id]
+    retain = int((model.spec.get("store") or {}).get("retainRewrites", 1))
+    store = {**store, "served": [rewrite_id, *served_before][: retain + 1]}
+    name = bounded(model.name, f"-clean-{rewrite_id}")
+    for stale in children.cleanups.keys() - {name}:
+        api.delete(children.cleanups[stale], "finished")  # of an earlier rewrite, or of a deleted namesake
+    # Nothing to remove from a model's first rewrite, unless a failed attempt left a staging directory behind.
+    if store.get("cleanedFor") == rewrite_id or not (served_before or store.get("error") or retry.count):
+        return store
+    job = children.cleanups.get(name)
+    if job is None:
+        _apply(api, body, store_cleanup_job(model, scope.config, store["served"], rewrite_id), None)
+        return store
+    outcome = job_outcome(job)
+    if outcome == "Running":
+        return store
+    pods = children.pods_of_job(name)
+    store |= {"cleanedFor": rewrite_id, "cleanedAt": now()}
+    if outcome == "Complete":
+        report = rewrite_report(pods)
+        removed, freed = len(report.get("removed") or []), int(report.get("bytesFreed") or 0)
+        store |= {"removed": removed, "bytesFreed": freed, "error": None}
+        kept = ", ".join(store["served"])
+        message = f"removed {removed} superseded rewrite(s) from the store, freeing {_size(freed)}; kept {kept}"
+        kopf.info(body, reason="StoreCleaned", message=message)
+    else:  # told, and tried again with the next rewrite: a store that cannot be cleaned must not hold serving up
+        store |= {"removed": None, "bytesFreed": None, "error": failure_message(job, pods)}
+        kopf.warn(body, reason="StoreCleanupFailed", message=store["error"])
+    api.delete(job, "finished")
+    return store
+
+
+DELETED_SUFFIX = "-clean-deleted"
+
+
+def _namesake_cleaning(model: Model, children: Children) -> bool:
+    """A clean-up Job of a deleted model of the same name runs (or its pod still stops)."""
+    name = bounded(model.name, DELETED_SUFFIX)
+    job = children.cleanups.get(name)
+    pods = children.pods_of_job(name)
+    return (job is not None and job_outcome(job) == "Running") or any(
+        (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed") for p in pods
+    )
+
+
+def clean_up_deleted(body: kopf.Body | dict, api: Api, config: OperatorConfig, others: list[dict[str, Any]]) -> None:
+    """A deleted model's rewrites go with it, by a clean-up Job no model owns (it removes itself after an hour),
+    unless another model of the namespace uses the same store directory."""
+    model = Model.from_body(dict(body))
+    if not ((body.get("status") or {}).get("rewrite") or {}).get("id"):
+        return  # it never wrote anything
+    where = (model.spec["store"]["claimName"], model.store_path)
+    sharing = [o for o in map(Model.from_body, others) if (o.spec["store"]["claimName"], o.store_path) == where]
+    if sharing:
+        log.info(
+            "store of deleted model %s/%s kept: %s uses the same directory",
+            model.namespace,
+            model.name,
+            sharing[0].name,
+        )
+        return
+    api.create(store_cleanup_job(model, config, [], None))
+
+
+def finish_deleted_cleanups(api: Api, children: Children) -> None:
+    """The clean-up Jobs of models that are gone: their outcome logged and told on the Job, then removed."""
+    for job in children.cleanups.values():
+        meta = job["metadata"]
+        outcome = job_outcome(job)
+        if not meta["name"].endswith(DELETED_SUFFIX) or outcome == "Running":
+            continue
+        pods = children.pods_of_job(meta["name"])
+        if outcome == "Complete":
+            report = rewrite_report(pods)
+            message = (
+                f"removed {len(report.get('removed') or [])} rewrite(s) of a deleted NeuronModel from the store, "
+                f"freeing {_size(int(report.get('bytesFreed') or 0))}"
+            )
+            kopf.info(job, reason="StoreCleaned", message=message)
+        else:
+            message = f"store clean-up of a deleted NeuronModel failed: {failure_message(job, pods)}"
+            kopf.warn(job, reason="StoreCleanupFailed", message=message)
+        log.info("job %s/%s: %s", meta["namespace"], meta["name"], message)
+        api.delete(job, "finished")
+
+
+def _size(count: int) -> str:
+    if count < 1024:
+        return f"{count} bytes"
+    value, unit = next((count / 1024**i, u) for i, u in ((3, "GiB"), (2, "MiB"), (1, "KiB")) if count >= 1024**i)
+    return f"{value:.1f} {unit}"
+
+
+def _run_rewrite(scope: Scope, job: dict[str, Any] | None, published: bool, retry: Retry) -> dict[str, Any] | None:
     """Create the rewrite's Job unless it is published; run a failed one again when due. Returns the Job."""
-    desired = rewrite_job(model, config)
+    desired = rewrite_job(scope.model, scope.config)
     if job is None and not published:
-        return _apply(api, body, desired, None)
+        return _apply(scope.api, scope.body, desired, None)
     if job is not None and job_outcome(job) == "Failed":
         # The source may be repaired or uploaded in place: run the rewrite again after a growing back-off; at once
         # when the Job itself was changed (its securityContext, say): that may well be the fix.
@@ -339,22 +516,15 @@ def _run_rewrite(
         retry.wait = (due - datetime.now(timezone.utc)).total_seconds()
         retry.at = due.strftime("%Y-%m-%dT%H:%M:%SZ")
         if retry.wait <= 0 or _spec_hash(job) != _spec_hash(desired):
-            api.delete(job, "failed")  # recreated by the next reconcile, under the same name
+            scope.api.delete(job, "failed")  # recreated by the next reconcile, under the same name
             retry.count += 1
             retry.wait = None
     return job
 
 
-def _serve(
-    api: Api,
-    body: kopf.Body | dict,
-    model: Model,
-    config: OperatorConfig,
-    children: Children,
-    rewrite_id: str,
-    complete: bool,
-) -> None:
+def _serve(scope: Scope, rewrite_id: str, complete: bool) -> None:
     """Serve the rewrite once complete; until then the pods keep serving the old one, at the spec's replica count."""
+    api, body, model, config, children = scope.api, scope.body, scope.model, scope.config, scope.children
     served = children.deployment
     if complete:
         config_map = batching_config_map(model)
@@ -365,6 +535,26 @@ def _serve(
         children.deployment = api.scale_deployment(served, model.spec.get("replicas", 1))
     if served is not None or complete:
         children.service = _apply(api, body, serving_service(model), children.service)
+        children.budget = _apply_optional(api, body, disruption_budget(model, config), children.budget)
+        children.monitor = _apply_optional(api, body, service_monitor(model, config), children.monitor)
+
+
+def _apply_optional(
+    api: Api, owner: kopf.Body | dict, desired: dict[str, Any] | None, observed: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """A child the spec may not call for (a budget at one replica, metrics turned off): removed when it does not."""
+    if desired is not None:
+        return _apply(api, owner, desired, observed)
+    if observed is not None:
+        api.delete(observed, "unneeded")
+    return None
+
+
+def _observe_rewrite(rewrite: dict[str, Any], before: dict[str, Any]) -> None:
+    """A rewrite's duration, once: when its report first reaches the status (written, not held back)."""
+    told = before.get("id") == rewrite.get("id") and before.get("durationSeconds") is not None
+    if rewrite.get("durationSeconds") is not None and not rewrite.get("reused") and not told:
+        metrics.REWRITE_SECONDS.observe(float(rewrite["durationSeconds"]))
 
 
 def _write_status(
@@ -379,6 +569,7 @@ def _write_status(
         hold = COUNTS_INTERVAL_SECONDS - since
         return hold if retry.wait is None else min(hold, retry.wait)
     api.patch_status(model.namespace, model.name, status)
+    _observe_rewrite(status.get("rewrite") or {}, previous.get("rewrite") or {})
     ready = status["conditions"][-1]
     before = {c.get("type"): c for c in previous.get("conditions") or []}.get("Ready") or {}
     if (status["phase"], ready["reason"]) == (previous.get("phase"), before.get("reason")):

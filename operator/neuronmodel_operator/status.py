@@ -99,7 +99,7 @@ def rewrite_report(pods: list[dict[str, Any]]) -> dict[str, Any]:
     return {}
 
 
-def _failure_message(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
+def failure_message(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
     """The rewrite's own error line (its pod's termination message), with the Job's reason."""
     failed = next(
         (c for c in job.get("status", {}).get("conditions") or [] if c.get("type") == "Failed"), {"reason": "Failed"}
@@ -196,7 +196,7 @@ def compute_status(
             f"{model.version}{reused}",
         )
     elif outcome == "Failed":
-        message = _failure_message(observed.job or {}, observed.job_pods)
+        message = failure_message(observed.job or {}, observed.job_pods)
         if retry is not None and retry.wait is not None:
             message += f"; retry {retry.count + 1} at {retry.at}"
         rewrite = _condition(REWRITE_SUCCEEDED, False, "RewriteFailed", message)

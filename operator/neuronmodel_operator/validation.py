@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from .builders import SERVER_CONTAINER, SERVING_MOUNT_PATHS, SERVING_VOLUMES
 from .config import OperatorConfig
-from .instances import INSTANCE_TYPE_LABELS, NEURONCORES_PER_NODE
+from .instances import AUTO_CORES, NEURONCORES_PER_NODE, cores_per_pod, pinned_instance_types
+from .naming import labels
 
 SOURCE_KINDS = ("pvc", "s3", "http")  # spec.source also holds ``version``, which applies to each
 
@@ -31,8 +33,12 @@ def validate(spec: dict[str, Any], config: OperatorConfig) -> None:
         if value and (value.startswith("/") or ".." in value.split("/")):
             raise SpecError("InvalidSpec", f"spec.{field}: must be a relative path without '..', got {value!r}")
     cores = spec.get("numCores")
-    if not isinstance(cores, int) or isinstance(cores, bool) or cores < 1:
-        raise SpecError("InvalidSpec", f"spec.numCores: must be an integer of at least 1, got {cores!r}")
+    if cores != AUTO_CORES and (not isinstance(cores, int) or isinstance(cores, bool) or cores < 1):
+        raise SpecError("InvalidSpec", f'spec.numCores: must be an integer of at least 1 or "auto", got {cores!r}')
+    try:
+        cores_per_pod(spec)
+    except ValueError as exc:
+        raise SpecError("InvalidSpec", str(exc)) from exc
     if not (_get(spec, "serving.image") or config.serving_image):
         raise SpecError(
             "InvalidSpec",
@@ -44,6 +50,7 @@ def validate(spec: dict[str, Any], config: OperatorConfig) -> None:
             "InvalidSpec", "spec.rewrite.image: required, since the operator has no default rewrite image configured"
         )
     check_instance_capacity(spec)
+    check_pod_overrides(spec)
     for pod_field, container_field in (
         ("serving.podSecurityContext", "serving.securityContext"),
         ("rewrite.podSecurityContext", None),
@@ -67,10 +74,52 @@ def check_non_root(spec: dict[str, Any], pod_field: str, container_field: str | 
         )
 
 
+def check_pod_overrides(spec: dict[str, Any]) -> None:
+    """The serving pod template's additions may add to what the operator sets, never replace it."""
+    serving = spec.get("serving") or {}
+    ours = sorted(set(serving.get("podLabels") or {}) & set(labels("model", "serving")))
+    if ours:
+        raise SpecError(
+            "InvalidSpec",
+            f"spec.serving.podLabels: {', '.join(ours)} is set by the operator (the Deployment's selector and the "
+            "operator's watches rely on it); choose another key",
+        )
+    volumes = [v.get("name") for v in serving.get("volumes") or []]
+    for name in volumes:
+        if name in SERVING_VOLUMES:
+            raise SpecError(
+                "InvalidSpec",
+                f"spec.serving.volumes: the name {name!r} is the operator's own "
+                f"({', '.join(SERVING_VOLUMES)} are taken); choose another",
+            )
+    for index, mount in enumerate(serving.get("volumeMounts") or []):
+        field = f"spec.serving.volumeMounts[{index}]"
+        if mount.get("name") not in volumes:
+            raise SpecError(
+                "InvalidSpec",
+                f"{field}.name: {mount.get('name')!r} is not one of spec.serving.volumes "
+                f"({', '.join(map(repr, volumes)) or 'none'})",
+            )
+        path = str(mount.get("mountPath", "")).rstrip("/") or "/"
+        clash = [r for r in SERVING_MOUNT_PATHS if path == r or path.startswith(r + "/") or r.startswith(path + "/")]
+        if path == "/" or clash:
+            raise SpecError(
+                "InvalidSpec",
+                f"{field}.mountPath: {path!r} would hide or overlap the operator's mounts "
+                f"({', '.join(SERVING_MOUNT_PATHS)}); mount elsewhere",
+            )
+    for index, sidecar in enumerate(serving.get("sidecars") or []):
+        if sidecar.get("name") == SERVER_CONTAINER:
+            raise SpecError(
+                "InvalidSpec",
+                f"spec.serving.sidecars[{index}].name: {SERVER_CONTAINER!r} is the server container's; choose another",
+            )
+
+
 def check_instance_capacity(spec: dict[str, Any]) -> None:
     """Refuse pods that could never schedule: every instance type they are pinned to has too few NeuronCores."""
-    cores = spec["numCores"]
-    pinned = _pinned_instance_types(spec)
+    cores = cores_per_pod(spec)
+    pinned = pinned_instance_types(spec)
     known = {t: NEURONCORES_PER_NODE[t] for t in pinned if t in NEURONCORES_PER_NODE}
     if pinned and known and len(known) == len(pinned) and max(known.values()) < cores:
         listed = ", ".join(f"{t} ({c} NeuronCores per node)" for t, c in sorted(known.items()))
@@ -79,21 +128,6 @@ def check_instance_capacity(spec: dict[str, Any]) -> None:
             f"spec.numCores is {cores} but the pods are pinned to {listed}: no such node can ever run them; "
             "lower numCores or choose a larger instance type",
         )
-
-
-def _pinned_instance_types(spec: dict[str, Any]) -> set[str]:
-    selector = spec.get("nodeSelector") or {}
-    for label in INSTANCE_TYPE_LABELS:
-        if label in selector:
-            return {selector[label]}
-    terms = _get(spec, "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms") or []
-    types: set[str] = set()
-    for term in terms:
-        expressions = [e for e in term.get("matchExpressions") or [] if e.get("key") in INSTANCE_TYPE_LABELS]
-        if not expressions or expressions[0].get("operator") != "In":
-            return set()  # a term that does not pin an instance type admits any node
-        types.update(expressions[0].get("values") or [])
-    return types
 
 
 def _get(obj: dict[str, Any], dotted: str) -> Any:

@@ -59,6 +59,16 @@ OPERATOR_RULES = [
     },
     {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch", "get", "create", "update"]},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list", "watch", "get", "create", "update", "delete"]},
+    {
+        "apiGroups": ["policy"],
+        "resources": ["poddisruptionbudgets"],
+        "verbs": ["list", "watch", "get", "create", "update", "delete"],
+    },
+    {
+        "apiGroups": ["monitoring.coreos.com"],
+        "resources": ["servicemonitors"],
+        "verbs": ["list", "watch", "get", "create", "update", "delete"],
+    },
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
@@ -151,9 +161,18 @@ def test_cluster_wide_install_gets_one_cluster_role_with_exactly_the_operators_v
         "--log-format=plain",
     ]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
-    assert container["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
+    assert container["ports"] == [
+        {"name": "health", "containerPort": 8080, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 9090, "protocol": "TCP"},
+    ]
     (service,) = of_kind(docs, "Service")
-    assert service["spec"]["ports"][0]["targetPort"] == "health"
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["health", "metrics"]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert (annotations["prometheus.io/scrape"], annotations["prometheus.io/port"]) == ("true", "9090")
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["NEURONMODEL_METRICS_PORT"] == "9090"
+    assert (env["NEURONMODEL_DISRUPTION_BUDGET"], env["NEURONMODEL_MAX_UNAVAILABLE"]) == ("true", "1")
+    assert not of_kind(docs, "ServiceMonitor")  # only when asked for: it needs the Prometheus operator's CRD
     assert not of_kind(docs, "ClusterKopfPeering") and not of_kind(docs, "KopfPeering")
 
 
@@ -240,6 +259,10 @@ def test_values_reach_the_operator_as_the_settings_it_reads() -> None:
             "tolerations[0].key": "CriticalAddonsOnly",
             "tolerations[0].operator": "Exists",
             "resources.limits.memory": "1Gi",
+            "metrics.port": "9100",
+            "metrics.serviceMonitor.enabled": "true",
+            "metrics.serviceMonitor.labels.release": "prometheus",
+            "disruptionBudget.maxUnavailable": "25%",
         }
     )
     container = operator_container(docs)
@@ -250,12 +273,22 @@ def test_values_reach_the_operator_as_the_settings_it_reads() -> None:
     assert env["NEURONMODEL_SCHEDULER_NAME"] == "neuron-scheduler"
     assert env["NEURONMODEL_TOLERATE_TAINTS"] == ""
     assert env["NEURONMODEL_SERVING_IMAGE"] == "public.ecr.aws/neuron/tensorflow-inference-neuron:x"
+    assert (env["NEURONMODEL_METRICS_PORT"], env["NEURONMODEL_MAX_UNAVAILABLE"]) == ("9100", "25%")
+    (monitor,) = of_kind(docs, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
     assert container["resources"]["limits"] == {"memory": "1Gi"}
     pod = of_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]
     assert pod["imagePullSecrets"] == [{"name": "ecr"}]
     assert pod["nodeSelector"] == {"role": "system"}
     assert pod["tolerations"] == [{"key": "CriticalAddonsOnly", "operator": "Exists"}]
     assert env_of(operator_container(render()))["NEURONMODEL_TOLERATE_TAINTS"] == "aws.amazon.com/neuron"
+
+
+def test_the_metrics_port_must_differ_from_the_health_port() -> None:
+    out = helm("template", "rel", str(CHART), *sets({"healthPort": "9090"}), check=False)
+    assert out.returncode != 0
+    assert "metrics.port must differ from healthPort" in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize(
@@ -268,6 +301,8 @@ def test_values_reach_the_operator_as_the_settings_it_reads() -> None:
         ({"image.pullPolicy": "Sometimes"}, "pullPolicy"),
         ({"healthPort": "80"}, "healthPort"),
         ({"replica": "2"}, "replica"),  # a typo is refused, not ignored
+        ({"disruptionBudget.maxUnavailable": "half"}, "maxUnavailable"),
+        ({"metrics.port": "0"}, "port"),
     ],
 )
 def test_the_schema_refuses_a_bad_value_naming_it(values: dict[str, str], named: str) -> None:
@@ -463,6 +498,8 @@ def test_the_operator_service_account_may_do_what_it_needs_and_nothing_more(
         ("update", "services", ""),
         ("create", "configmaps", ""),
         ("delete", "configmaps", ""),
+        ("create", "poddisruptionbudgets", "policy"),
+        ("delete", "poddisruptionbudgets", "policy"),
         ("get", "services", ""),
         ("watch", "pods", ""),
         ("create", "events", ""),

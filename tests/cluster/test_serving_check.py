@@ -48,3 +48,28 @@ def test_only_the_newest_numbered_child_is_loaded_and_it_must_hold_the_savedmode
     assert check(base, 2) is None  # version 2 is the newest: version 1's layout no longer matters
     (base / "3").write_text("a file named as a number is a version too")
     assert "version 3: SavedModel file does not exist" in (check(base, 2) or "")
+
+
+def test_a_monitoring_config_it_cannot_read_stops_the_server_as_the_real_one(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    rewrite_model(write_model(tmp_path / "compiled", saved_model()), base / "1", 2)
+    config = tmp_path / "monitoring.config"
+    server = SimpleNamespace(
+        command=SERVER.command, args=[*SERVER.args, "--monitoring_config_file=/etc/tfserving/monitoring.config"]
+    )
+
+    def check_with_config() -> str | None:
+        def to_host(path: str) -> str:
+            return path.replace("/models/m", str(base)).replace("/etc/tfserving/monitoring.config", str(config))
+
+        return check_serving_container(server, {}, 2, to_host)
+
+    assert check_with_config() == (
+        "Failed to start server. Error: NOT_FOUND: /etc/tfserving/monitoring.config; No such file or directory"
+    )
+    config.write_text('prometheus_config { enable: yes please, path: "/metrics" }')
+    assert check_with_config() == (
+        "Failed to start server. Error: INVALID_ARGUMENT: Invalid protobuf file: '/etc/tfserving/monitoring.config'"
+    )
+    config.write_text('prometheus_config { enable: true, path: "/monitoring/prometheus/metrics" }')
+    assert check_with_config() is None

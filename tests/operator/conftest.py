@@ -85,8 +85,12 @@ class Env:
                 what=f"claim {claim} bound",
             )
 
-    def _spawn_operator(self, log: Path, *args: str, rewrite_image: str = REWRITE_IMAGE) -> subprocess.Popen:
-        env = dict(os.environ, KUBECONFIG=str(self.cluster.kubeconfig), NEURONMODEL_REWRITE_IMAGE=rewrite_image)
+    def _spawn_operator(
+        self, log: Path, *args: str, rewrite_image: str = REWRITE_IMAGE, **settings: str
+    ) -> subprocess.Popen:
+        env = dict(
+            os.environ, KUBECONFIG=str(self.cluster.kubeconfig), NEURONMODEL_REWRITE_IMAGE=rewrite_image, **settings
+        )
         with log.open("ab") as out:
             return subprocess.Popen(
                 [sys.executable, "-m", "neuronmodel_operator", "-n", self.namespace, "--liveness", "", *args],
@@ -96,9 +100,10 @@ class Env:
                 start_new_session=True,
             )
 
-    def start_operator(self, rewrite_image: str = REWRITE_IMAGE) -> None:
-        """``rewrite_image``: the chart's default rewrite image, as a new operator release would change it."""
-        self.operator = self._spawn_operator(self.log, "--standalone", rewrite_image=rewrite_image)
+    def start_operator(self, rewrite_image: str = REWRITE_IMAGE, **settings: str) -> None:
+        """``rewrite_image``: the chart's default rewrite image, as a new operator release would change it;
+        ``settings``: more of the environment the chart sets (NEURONMODEL_METRICS_PORT, say)."""
+        self.operator = self._spawn_operator(self.log, "--standalone", rewrite_image=rewrite_image, **settings)
 
     def start_replica(self, peering: str, priority: int) -> Path:
         """One more operator process in the peering ``peering``; returns its log file."""

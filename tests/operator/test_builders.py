@@ -247,6 +247,7 @@ def test_deployment_serves_the_rewrite_read_only() -> None:
         "--model_name=resnet",
         "--model_base_path=/models/resnet",
         "--file_system_poll_wait_seconds=0",
+        "--monitoring_config_file=/etc/tfserving/monitoring/monitoring.config",
     ]
     models = mount(dep, "tfserving", "models")
     assert models == {
@@ -601,3 +602,28 @@ def test_the_serving_pods_take_the_specs_security_contexts() -> None:
     assert server["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
     # The spec is not modified by the merge.
     assert serving["securityContext"] == {"readOnlyRootFilesystem": False, "capabilities": {"add": ["IPC_LOCK"]}}
+
+
+def test_store_cleanup_job_keeps_what_it_is_told_as_the_rewrites_user() -> None:
+    model = make_model(rewrite={"image": REWRITE_IMAGE, "podSecurityContext": {"runAsUser": 1000}})
+    job = builders.store_cleanup_job(model, CONFIG, ["a1b2c3d4e5", "0f0f0f0f0f"], "a1b2c3d4e5")
+    assert job["metadata"]["name"] == "resnet50-clean-a1b2c3d4e5"
+    assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "store-cleanup"
+    (clean,) = pod_spec(job)["containers"]
+    assert clean["image"] == REWRITE_IMAGE
+    assert clean["command"] == [
+        "neuron-store-clean",
+        f"/store/{NAMESPACE}/resnet50",
+        "--keep",
+        "a1b2c3d4e5",
+        "--keep",
+        "0f0f0f0f0f",
+        "--report_file",
+        "/dev/termination-log",
+    ]
+    assert pod_spec(job)["securityContext"]["runAsUser"] == 1000  # the store's owner, as for the rewrite
+    assert "ttlSecondsAfterFinished" not in job["spec"]  # its model owns it and deletes it once read
+    gone = builders.store_cleanup_job(model, CONFIG, [], None)
+    assert gone["metadata"]["name"] == "resnet50-clean-deleted"
+    assert "--keep" not in pod_spec(gone)["containers"][0]["command"]
+    assert gone["spec"]["ttlSecondsAfterFinished"] == 3600  # nothing owns it: it must go by itself

@@ -217,3 +217,43 @@ def test_a_long_startup_timeout_gets_a_progress_deadline_beyond_it(env: Env, mod
     assert deployment.spec.progress_deadline_seconds == 900 + 300
     progressing = {c.type: c.reason for c in deployment.status.conditions}["Progressing"]
     assert progressing == "NewReplicaSetAvailable"
+
+
+def cleanup_jobs(env: Env) -> list[Any]:
+    return [j for j in env.jobs() if j.metadata.labels.get("app.kubernetes.io/component") == "store-cleanup"]
+
+
+def test_superseded_rewrites_and_a_deleted_models_rewrites_leave_the_store(env: Env, models: dict[str, Path]) -> None:
+    env.hostpath_claim("compiled", models["resnet50"])
+    assert env.apply(neuron_model("tidy", "compiled", cores=2)).returncode == 0
+    first = env.wait_phase("tidy", "Ready")["rewrite"]["id"]
+    directory = env.tmp / "store" / env.namespace / "tidy"
+    assert env.status("tidy")["store"]["served"] == [first]
+    assert not cleanup_jobs(env)  # a first rewrite leaves nothing to remove: no Job, no write
+
+    def serve(cores: int) -> str:
+        env.patch_spec("tidy", {"numCores": cores})
+        wait_for(lambda: env.status("tidy")["rewrite"]["id"] != served[-1], what=f"the rewrite for {cores} cores")
+        return env.wait_phase("tidy", "Ready")["rewrite"]["id"]
+
+    served = [first]
+    served.append(serve(1))
+    freed = sum(f.stat().st_size for f in (directory / first).rglob("*") if f.is_file())
+    served.append(serve(4))
+    # Once the third serves in full, the first goes; the second stays, as a rollback's fallback (retainRewrites 1).
+    store = wait_for(lambda: (s := env.status("tidy")["store"]).get("cleanedFor") == served[2] and s, what="cleaned")
+    assert store["served"] == [served[2], served[1]]
+    assert (store["removed"], store["bytesFreed"]) == (1, freed)
+    assert sorted(p.name for p in directory.iterdir()) == sorted(served[1:])
+    (pod,) = serving_pods(env, "tidy")
+    assert pod.metadata.annotations["serving.neuron.dev/rewrite"] == served[2]
+    events = env.core.list_namespaced_event(env.namespace, field_selector="reason=StoreCleaned").items
+    assert any("removed 1 superseded rewrite(s)" in e.message for e in events), [e.message for e in events]
+    wait_for(lambda: not cleanup_jobs(env), what="the finished clean-up Job removed")
+
+    # Deleted: its rewrites go too, by a Job no model owns, which goes once done.
+    env.cluster.cluster.kubectl("delete", "nm", "tidy", "-n", env.namespace)
+    wait_for(lambda: not directory.exists(), timeout=120, what="the deleted model's store directory removed")
+    wait_for(lambda: not cleanup_jobs(env), what="the deleted model's clean-up Job removed")
+    events = env.core.list_namespaced_event(env.namespace, field_selector="reason=StoreCleaned").items
+    assert any("rewrite(s) of a deleted NeuronModel" in e.message for e in events), [e.message for e in events]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from s3 import upload_tree
 
-from conftest import REPO, Env, LocalS3
+from conftest import REPO, Env, LocalS3, wait_for
 from localcluster.s3server import refusals
 
 pytestmark = pytest.mark.cluster
@@ -20,18 +20,24 @@ def test_every_example_is_applied_and_goes_ready(env: Env, models: dict[str, Pat
         "resnet50-inf2.yaml",
         "bert-trn1.yaml",
         "s3-irsa.yaml",
+        "resnet50-hpa.yaml",
     }, "a new example needs its place in this test"
     # The volumes a cluster admin (or the EFS CSI driver) provides behind the examples' claims.
     env.hostpath_claim("compiled-models", models["resnet50"].parent, storage_class="efs-sc", create_claim=False)
     env.hostpath_claim("neuron-model-store", env.tmp / "store", storage_class="efs-sc", create_claim=False)
     upload_tree(local_s3.endpoint, "my-neuron-models", "resnet50/", models["resnet50"])
 
-    for example in ("store-pvc.yaml", "resnet50-inf2.yaml", "bert-trn1.yaml", "s3-irsa.yaml"):
+    for example in ("store-pvc.yaml", "resnet50-inf2.yaml", "bert-trn1.yaml", "s3-irsa.yaml", "resnet50-hpa.yaml"):
         result = env.cluster.cluster.kubectl("apply", "-n", env.namespace, "-f", str(EXAMPLES / example), check=False)
         assert result.returncode == 0, result.stderr
 
-    resnet = env.wait_phase("resnet50", "Ready", timeout=180)
-    assert resnet["servedCores"] == 2 and resnet["readyReplicas"] == 1
+    # No metrics adapter here: the HPA controller still holds the model at its minReplicas, through the NeuronModel.
+    resnet = wait_for(
+        lambda: (s := env.status("resnet50")).get("readyReplicas") == 2 and s.get("phase") == "Ready" and s,
+        timeout=180,
+        what="the HPA's minimum of 2 resnet50 pods Ready",
+    )
+    assert resnet["servedCores"] == 2 and env.model("resnet50")["spec"]["replicas"] == 2
     bert = env.wait_phase("bert", "Ready", timeout=180)
     assert bert["servedCores"] == 8 and bert["readyReplicas"] == 4
     assert bert["endpoints"]["rest"].endswith("/v1/models/bert-base")

@@ -189,6 +189,19 @@ def test_operator_killed_during_the_rewrite_resumes_without_duplicating_it(env: 
         ({"source": {"pvc": {"claimName": "c", "path": "a/../../b"}}}, "spec.source.pvc.path"),
         ({"source": {"gcs": {"uri": "gs://bucket/model"}}}, "spec.source"),
         ({"source": {}}, "spec.source"),
+        ({"numCores": "all"}, "spec.numCores"),
+        ({"disruptionBudget": {"maxUnavailable": 1, "minAvailable": 2}}, "spec.disruptionBudget"),
+        ({"disruptionBudget": {"maxUnavailable": "half"}}, "spec.disruptionBudget.maxUnavailable"),
+        (
+            {"serving": {"image": "tfs", "terminationGracePeriodSeconds": 2}},
+            "spec.serving.terminationGracePeriodSeconds",
+        ),
+        (
+            {"serving": {"image": "tfs", "topologySpreadConstraints": [{"maxSkew": 1, "whenUnsatisfiable": "Never"}]}},
+            "spec.serving.topologySpreadConstraints",
+        ),
+        ({"serving": {"image": "tfs", "sidecars": [{"name": "logs"}]}}, "spec.serving.sidecars.image"),
+        ({"serving": {"image": "tfs", "probes": {"readiness": {"periodSeconds": 0}}}}, "spec.serving.probes"),
     ],
 )
 def test_the_crd_schema_rejects_bad_input_naming_the_field(

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,3 +314,74 @@ def test_a_tf_serving_base_path_source_serves_its_newest_version(deployed: Deplo
     # The stand-in loads what TF Serving loads (saved_model.pb directly in the newest version folder) or nothing.
     answer = first_answer(deployed.predict_url("tutorial", served_as="tutorial"), sample_input(3))
     assert np.allclose(answer, deployed.expected["logits"], atol=1e-5)
+
+
+def test_tf_serving_and_the_operator_serve_their_metrics_where_the_annotations_say(deployed: Deployment) -> None:
+    first_answer(deployed.predict_url(), sample_input(3))  # at least one request for the server to count
+    pod = next(p for p in deployed.serving_pods() if _ready(p))
+    marks = pod.metadata.annotations
+    assert marks["prometheus.io/scrape"] == "true"
+    url = f"http://{pod.status.pod_ip}:{marks['prometheus.io/port']}{marks['prometheus.io/path']}"
+    with urllib.request.urlopen(url, timeout=10) as page:  # the stand-in serves it only as its config file says
+        text = page.read().decode()
+    assert f':tensorflow:serving:request_count{{model_name="{MODEL}",status="OK"}}' in text, text
+
+    operator = deployed.operator_pod()
+    marks = operator.metadata.annotations
+    url = f"http://{operator.status.pod_ip}:{marks['prometheus.io/port']}{marks['prometheus.io/path']}"
+    with urllib.request.urlopen(url, timeout=10) as page:
+        text = page.read().decode()
+    assert 'neuronmodel_models{phase="Ready"}' in text and "neuronmodel_reconciles_total" in text, text
+
+
+def test_pod_template_additions_run_on_the_kubelet(deployed: Deployment, built_images: dict[str, Image]) -> None:
+    # What a platform team adds to the serving pods: a mesh's labels, a PriorityClass, a spread, slower probes, a
+    # file from a ConfigMap (a warmup request, say) and a sidecar that reads it too.
+    deployed.kubectl("create", "configmap", "dressed-warmup", "--from-literal=request.json={}")
+    deployed.kubectl(
+        "apply", "-f", "-",
+        input=yaml.safe_dump(
+            {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": "neuron-serving"},
+             "value": 100000, "description": "serving pods"}
+        ),
+    )  # fmt: skip
+    manifest = example_on_real_node((REPO / "examples" / "resnet50-inf2.yaml").read_text())
+    manifest["metadata"]["name"] = "dressed"
+    manifest["spec"]["numCores"] = 1
+    sidecar = {
+        "name": "reader",
+        "image": built_images["rewrite"].ref,  # any image on the node with a shell's tools
+        "command": ["sleep", "infinity"],
+        "volumeMounts": [{"name": "warmup", "mountPath": "/warmup", "readOnly": True}],
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "32Mi"}},
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True},
+    }
+    manifest["spec"]["serving"] |= {
+        "podLabels": {"team": "search"},
+        "podAnnotations": {"example.com/cost-center": "ml-42"},
+        "priorityClassName": "neuron-serving",
+        "terminationGracePeriodSeconds": 45,
+        "topologySpreadConstraints": [
+            {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}
+        ],
+        "probes": {"readiness": {"periodSeconds": 2, "timeoutSeconds": 2}},
+        "volumes": [{"name": "warmup", "configMap": {"name": "dressed-warmup"}}],
+        "volumeMounts": [{"name": "warmup", "mountPath": "/warmup", "readOnly": True}],
+        "sidecars": [sidecar],
+    }
+    deployed.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+    deployed.wait_status(lambda s: s.get("phase") == "Ready", "the dressed model Ready", name="dressed")
+
+    (pod,) = deployed.pods(f"{MODEL_LABEL}={model_label('dressed')},app.kubernetes.io/component=serving")
+    assert pod.metadata.labels["team"] == "search"
+    assert pod.metadata.annotations["example.com/cost-center"] == "ml-42"
+    assert pod.spec.priority == 100000  # resolved by the apiserver's Priority admission
+    assert pod.spec.termination_grace_period_seconds == 45
+    assert pod.spec.topology_spread_constraints[0].label_selector.match_labels[MODEL_LABEL] == model_label("dressed")
+    assert sorted((c.name, c.ready) for c in pod.status.container_statuses) == [("reader", True), ("tfserving", True)]
+    for container in ("tfserving", "reader"):  # the kubelet mounted the ConfigMap in both
+        read = deployed.kubectl("exec", pod.metadata.name, "-c", container, "--", "cat", "/warmup/request.json")
+        assert read.stdout == "{}", (container, read.stdout, read.stderr)
+    answer = first_answer(deployed.predict_url("dressed", served_as="dressed"), sample_input(3))
+    assert np.allclose(answer, deployed.expected["logits"], atol=1e-5)
+    deployed.kubectl("delete", "neuronmodel", "dressed", "--wait=true", "--timeout=120s")

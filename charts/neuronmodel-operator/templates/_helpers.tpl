@@ -56,6 +56,13 @@ through the core API by Kopf (kopf.info/kopf.warn). Pods are only read, to repor
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [list, watch, get, create, update, delete]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [list, watch, get, create, update, delete]
+# Only used where the Prometheus operator's CRD is installed: a ServiceMonitor per model for its TF Serving metrics.
+- apiGroups: [monitoring.coreos.com]
+  resources: [servicemonitors]
+  verbs: [list, watch, get, create, update, delete]
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]

@@ -1,0 +1,256 @@
+"""What a platform team relies on next to the model itself, against the real control plane: the disruption budget
+(the apiserver refuses an eviction beyond it), an HPA scaling the model through its scale subresource (the
+controller-manager's HPA controller), numCores auto, the operator's metrics and ServiceMonitors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from conftest import Env, neuron_model, serving_pods, wait_for
+from localcluster.cluster import free_port
+
+pytestmark = pytest.mark.cluster
+INSTANCE_TYPE = "node.kubernetes.io/instance-type"
+
+
+def budget(env: Env, name: str) -> dict[str, Any] | None:
+    """The model's PodDisruptionBudget as kubectl reads it (the apiserver's preferred policy version), or None."""
+    got = env.cluster.cluster.kubectl("get", "pdb", name, "-n", env.namespace, "-o", "json", check=False)
+    return json.loads(got.stdout) if got.returncode == 0 else None
+
+
+def evict_at_once(env: Env, pods: list[str], policy: str) -> list[tuple[bool, str]]:
+    """POST an Eviction for each pod at the same moment, as a drain of several nodes does: (accepted, the
+    apiserver's words) each. At once, so that no replacement pod can become ready in between."""
+    kubectl = [str(env.cluster.cluster.bin_dir / "kubectl"), f"--kubeconfig={env.cluster.cluster.kubeconfig}"]
+    running = []
+    for pod in pods:
+        body = {"apiVersion": policy, "kind": "Eviction", "metadata": {"name": pod, "namespace": env.namespace}}
+        path = f"/api/v1/namespaces/{env.namespace}/pods/{pod}/eviction"
+        process = subprocess.Popen(
+            [*kubectl, "create", "--raw", path, "-f", "-"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert process.stdin is not None
+        process.stdin.write(json.dumps(body))
+        process.stdin.close()
+        running.append(process)
+    return [(process.wait(30) == 0, process.stdout.read() if process.stdout else "") for process in running]
+
+
+def policy_version(env: Env) -> str:
+    groups = client.ApisApi(env.cluster.api).get_api_versions().groups
+    return next(g.preferred_version.group_version for g in groups if g.name == "policy")
+
+
+def test_the_budget_lets_a_drain_evict_one_serving_pod_at_a_time(env: Env, models: dict[str, Path]) -> None:
+    env.hostpath_claim("compiled", models["resnet50"])
+    assert env.apply(neuron_model("spread", "compiled", cores=1, replicas=3)).returncode == 0
+    env.wait_phase("spread", "Ready")
+
+    policy = policy_version(env)
+    assert policy == "policy/v1beta1"  # Kubernetes 1.20 here; the builder's policy/v1 output is unit-tested
+    made = wait_for(lambda: budget(env, "spread"), what="the PodDisruptionBudget")
+    assert made["apiVersion"] == policy and made["spec"]["maxUnavailable"] == 1
+    assert [ref["name"] for ref in made["metadata"]["ownerReferences"]] == ["spread"]
+    # The disruption controller (controller-manager) counts the healthy pods before the apiserver allows any.
+    wait_for(lambda: (budget(env, "spread") or {}).get("status", {}).get("disruptionsAllowed") == 1, what="1 allowed")
+
+    outcomes = evict_at_once(env, sorted(p.metadata.name for p in serving_pods(env, "spread"))[:2], policy)
+    assert sorted(accepted for accepted, _ in outcomes) == [False, True], outcomes
+    refused = next(words for accepted, words in outcomes if not accepted)
+    assert "Cannot evict pod as it would violate the pod's disruption budget" in refused, refused
+
+    # Turned off in the spec: the budget goes, and nothing else changes.
+    env.patch_spec("spread", {"disruptionBudget": {"enabled": False}})
+    wait_for(lambda: budget(env, "spread") is None, what="the budget removed")
+    env.wait_phase("spread", "Ready")
+    assert len(env.jobs()) == 1
+
+
+def test_an_hpa_scales_the_model_through_its_scale_subresource_without_a_rewrite(
+    env: Env, models: dict[str, Path]
+) -> None:
+    env.hostpath_claim("compiled", models["resnet50"])
+    assert env.apply(neuron_model("autoscaled", "compiled", cores=1)).returncode == 0
+    env.wait_phase("autoscaled", "Ready")
+    jobs = [j.metadata.name for j in env.jobs()]
+    assert budget(env, "autoscaled") is None  # one replica: no budget
+
+    hpa = {
+        "apiVersion": "autoscaling/v2beta2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "autoscaled"},
+        "spec": {
+            "scaleTargetRef": {
+                "apiVersion": "serving.neuron.dev/v1alpha1",
+                "kind": "NeuronModel",
+                "name": "autoscaled",
+            },
+            "minReplicas": 2,
+            "maxReplicas": 4,
+            # No metrics server here: the HPA controller still holds the model within [min, max].
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}},
+                }
+            ],
+        },
+    }
+    assert env.apply(hpa).returncode == 0
+    wait_for(lambda: env.model("autoscaled")["spec"]["replicas"] == 2, timeout=120, what="the HPA scaling to 2")
+    wait_for(
+        lambda: env.status("autoscaled").get("readyReplicas") == 2 and env.status("autoscaled")["phase"] == "Ready",
+        what="2 pods Ready",
+    )
+    assert wait_for(lambda: budget(env, "autoscaled"), what="a budget once there are 2 replicas")
+
+    hpa["spec"] |= {"minReplicas": 1, "maxReplicas": 1}
+    assert env.apply(hpa).returncode == 0
+    wait_for(lambda: env.model("autoscaled")["spec"]["replicas"] == 1, timeout=120, what="the HPA scaling to 1")
+    wait_for(lambda: budget(env, "autoscaled") is None, what="the budget removed at 1 replica")
+    env.wait_phase("autoscaled", "Ready")
+    assert [j.metadata.name for j in env.jobs()] == jobs  # scaling never re-runs the rewrite
+
+
+def test_num_cores_auto_takes_every_core_of_the_pinned_instance_type(env: Env, models: dict[str, Path]) -> None:
+    env.hostpath_claim("compiled", models["resnet50"])
+    pinned = neuron_model("whole", "compiled", nodeSelector={INSTANCE_TYPE: "inf2.xlarge"})
+    pinned["spec"]["numCores"] = "auto"
+    assert env.apply(pinned).returncode == 0
+    status = env.wait_phase("whole", "Ready")
+    assert status["servedCores"] == 2
+    (pod,) = serving_pods(env, "whole")
+    assert pod.spec.containers[0].resources.limits["aws.amazon.com/neuroncore"] == "2"
+    (job,) = env.jobs()
+    command = job.spec.template.spec.containers[0].command
+    assert command[command.index("--num_cores") + 1] == "2"
+    got = env.cluster.cluster.kubectl("get", "nm", "whole", "-n", env.namespace, "-o", "wide").stdout
+    assert got.splitlines()[1].split()[1] == "2", got  # the Cores column: cores in use
+
+    unpinned = neuron_model("anywhere", "compiled")
+    unpinned["spec"]["numCores"] = "auto"
+    assert env.apply(unpinned).returncode == 0
+    env.wait_phase("anywhere", "Failed")
+    ready = env.condition("anywhere", "Ready")
+    assert ready["reason"] == "InvalidSpec"
+    assert ready["message"].startswith('spec.numCores is "auto" but the pods are not pinned to an instance type')
+    assert [j.metadata.name for j in env.jobs()] == [job.metadata.name]
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The operator's metrics page as {"name{labels}": value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+        lines = page.read().decode().splitlines()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if not line.startswith("#")}
+
+
+def test_the_operator_counts_reconciles_errors_phases_and_rewrite_durations(env: Env, models: dict[str, Path]) -> None:
+    port = free_port()
+    env.stop_operator()
+    env.start_operator(NEURONMODEL_METRICS_PORT=str(port))
+    env.hostpath_claim("compiled", models["resnet50"])
+    assert env.apply(neuron_model("counted", "compiled", cores=1)).returncode == 0
+    status = env.wait_phase("counted", "Ready")
+    metrics = wait_for(lambda: scrape(port), what="the metrics page")
+    assert metrics['neuronmodel_models{phase="Ready"}'] == 1
+    assert metrics['neuronmodel_models{phase="Failed"}'] == 0
+    assert metrics["neuronmodel_reconciles_total"] >= 3  # created, rewritten, deployed at least
+    assert metrics["neuronmodel_rewrite_duration_seconds_count"] == 1
+    assert metrics["neuronmodel_rewrite_duration_seconds_sum"] == pytest.approx(status["rewrite"]["durationSeconds"])
+
+    # A child the API refuses: an error by its reason, a Failed model.
+    bad = neuron_model("refused", "compiled", cores=1)
+    bad["spec"]["serving"]["env"] = [{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "spec.nowhere"}}}]
+    assert env.apply(bad).returncode == 0
+    wait_for(
+        lambda: scrape(port).get('neuronmodel_reconcile_errors_total{reason="ChildRejected"}', 0) >= 1,
+        what="the refusal counted",
+    )
+    wait_for(lambda: scrape(port)['neuronmodel_models{phase="Failed"}'] == 1, what="the Failed model counted")
+    env.cluster.cluster.kubectl("delete", "nm", "refused", "-n", env.namespace)
+    wait_for(lambda: scrape(port)['neuronmodel_models{phase="Failed"}'] == 0, what="the deleted model forgotten")
+
+
+SERVICE_MONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+    "spec": {
+        "group": "monitoring.coreos.com",
+        "names": {"kind": "ServiceMonitor", "plural": "servicemonitors", "singular": "servicemonitor"},
+        "scope": "Namespaced",
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+            }
+        ],
+    },
+}
+
+
+@pytest.fixture
+def prometheus_operator_crd(env: Env) -> Iterator[None]:
+    """The Prometheus operator's ServiceMonitor CRD (its schema left open), for one test: the others run without."""
+    extensions = client.ApiextensionsV1Api(env.cluster.api)
+    extensions.create_custom_resource_definition(SERVICE_MONITOR_CRD)
+    wait_for(
+        lambda: any(
+            c.type == "Established" and c.status == "True"
+            for c in extensions.read_custom_resource_definition(
+                SERVICE_MONITOR_CRD["metadata"]["name"]
+            ).status.conditions
+            or []
+        ),
+        what="the ServiceMonitor CRD established",
+    )
+    yield
+    extensions.delete_custom_resource_definition(SERVICE_MONITOR_CRD["metadata"]["name"])
+
+
+def service_monitor(env: Env, name: str) -> dict[str, Any] | None:
+    try:
+        return env.custom.get_namespaced_custom_object(
+            "monitoring.coreos.com", "v1", env.namespace, "servicemonitors", name
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def test_a_service_monitor_points_prometheus_at_tf_servings_metrics_where_its_crd_is_installed(
+    env: Env, models: dict[str, Path], prometheus_operator_crd: None
+) -> None:
+    env.stop_operator()
+    env.start_operator()  # it reads which API groups are served at start
+    env.hostpath_claim("compiled", models["resnet50"])
+    assert env.apply(neuron_model("watched", "compiled", cores=1)).returncode == 0
+    env.wait_phase("watched", "Ready")
+    monitor = wait_for(lambda: service_monitor(env, "watched"), what="the ServiceMonitor")
+    assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/monitoring/prometheus/metrics"}]
+    service = env.core.read_namespaced_service("watched", env.namespace)
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service.metadata.labels.items()
+    assert [ref["name"] for ref in monitor["metadata"]["ownerReferences"]] == ["watched"]
+    (pod,) = serving_pods(env, "watched")
+    assert pod.metadata.annotations["prometheus.io/scrape"] == "true"
+
+    env.patch_spec("watched", {"serving": {"metrics": {"enabled": False}}})
+    wait_for(lambda: service_monitor(env, "watched") is None, what="the ServiceMonitor removed with the metrics")
+    env.wait_phase("watched", "Ready")
