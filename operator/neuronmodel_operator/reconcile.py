@@ -47,7 +47,7 @@ REWRITE_RETRY_SECONDS, MAX_REWRITE_RETRY_SECONDS = 30, 600
 # A status change that only moves counts (pods starting one by one) waits until this long after the last status
 # write, so a rollout of many pods costs a few writes, not one per pod event. Phase changes go out at once.
 COUNTS_INTERVAL_SECONDS = 5.0
-NAMESAKE_WAIT_SECONDS = 2.0
+CLEANING_WAIT_SECONDS = 2.0
 log = logging.getLogger("neuronmodel_operator")
 
 
@@ -375,9 +375,8 @@ def reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Oper
         # (a TTL, a clean-up script) without the rewrite running again.
         published = last.get("id") == rewrite_id and bool(last.get("publishedAt"))
         try:
-            if _namesake_cleaning(model, children):
-                # A deleted model of this name is having its rewrites removed: one of them may be this one's.
-                retry.wait = NAMESAKE_WAIT_SECONDS
+            if job is None and not published and _cleaning(children):
+                retry.wait = CLEANING_WAIT_SECONDS  # a new rewrite's directory would not be among those kept
             else:
                 job = _run_rewrite(scope, job, published, retry)
             _serve(scope, rewrite_id, published or job_outcome(job) == "Complete")
@@ -418,7 +417,7 @@ def _tend_store(scope: Scope, rewrite_id: str, store: dict[str, Any], retry: Ret
     for stale in children.cleanups.keys() - {name}:
         api.delete(children.cleanups[stale], "finished")  # of an earlier rewrite, or of a deleted namesake
     # Nothing to remove from a model's first rewrite, unless a failed attempt left a staging directory behind.
-    if store.get("cleanedFor") == rewrite_id or not (served_before or store.get("error") or retry.count):
+    if store.get("cleanedFor") == rewrite_id or not (served_before or retry.count):
         return store
     job = children.cleanups.get(name)
     if job is None:
@@ -446,13 +445,14 @@ def _tend_store(scope: Scope, rewrite_id: str, store: dict[str, Any], retry: Ret
 DELETED_SUFFIX = "-clean-deleted"
 
 
-def _namesake_cleaning(model: Model, children: Children) -> bool:
-    """A clean-up Job of a deleted model of the same name runs (or its pod still stops)."""
-    name = bounded(model.name, DELETED_SUFFIX)
-    job = children.cleanups.get(name)
-    pods = children.pods_of_job(name)
-    return (job is not None and job_outcome(job) == "Running") or any(
-        (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed") for p in pods
+def _cleaning(children: Children) -> bool:
+    """A clean-up Job of the model's store directory runs (or its pod still stops): this model's, or a deleted
+    namesake's. It removes what it was not told to keep, so no rewrite may start writing there meanwhile."""
+    running = any(job_outcome(job) == "Running" for job in children.cleanups.values())
+    return running or any(
+        (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+        for name in children.cleanups
+        for p in children.pods_of_job(name)
     )
 
 

@@ -7,11 +7,12 @@ import dataclasses
 from typing import Any
 
 import pytest
-from unit_helpers import NAMESPACE, make_model, make_spec
+from unit_helpers import NAMESPACE, job_body, job_pod, make_model, make_spec
 
 from neuronmodel_operator.builders import Model, disruption_budget, rewrite_job, serving_deployment
 from neuronmodel_operator.config import OperatorConfig
 from neuronmodel_operator.naming import selector
+from neuronmodel_operator.reconcile import Children, _cleaning
 from neuronmodel_operator.validation import SpecError, validate
 
 CONFIG = OperatorConfig(rewrite_image="registry.example.com/neuron/rewrite:default")
@@ -285,3 +286,22 @@ def test_auto_without_one_known_core_count_is_refused(placement: dict[str, Any],
 @pytest.mark.parametrize("cores", ["all", "2", 0, True])
 def test_other_words_than_auto_are_refused(cores: Any) -> None:
     assert refusal(make_spec(numCores=cores)).startswith('spec.numCores: must be an integer of at least 1 or "auto"')
+
+
+# Store clean-up: no rewrite starts while one runs
+
+
+def test_a_running_clean_up_or_its_stopping_pod_holds_new_rewrites_back() -> None:
+    def children(job: dict[str, Any], pods: list[dict[str, Any]]) -> Children:
+        job["metadata"]["labels"] = {"app.kubernetes.io/component": "store-cleanup"}
+        return Children([job], [], [], [], [], [], pods)
+
+    name = "resnet50-clean-deleted"
+    assert _cleaning(children(job_body(name), []))  # a deleted namesake's, still running
+    finished = job_pod(name, "x1", "2025-05-01T10:00:05Z", "{}", exit_code=0)
+    finished["status"]["phase"] = "Succeeded"
+    assert not _cleaning(children(job_body(name, "Complete"), [finished]))
+    stopping = {**finished, "status": {**finished["status"], "phase": "Running"}}  # a deleted Job's pod, stopping
+    assert _cleaning(children(job_body(name, "Complete"), [stopping]))
+    rewrite = job_body("resnet50-rewrite-a1b2c3d4e5")  # a rewrite Job is not a clean-up
+    assert not _cleaning(Children([rewrite], [], [], [], [], [], []))
