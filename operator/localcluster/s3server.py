@@ -1,4 +1,5 @@
-"""A local S3 and STS (IRSA's web identity) for tests and benchmarks: moto's server, as strict as AWS about regions.
+"""A local S3 and STS (IRSA's web identity) for tests and benchmarks: moto's server, as strict as AWS about regions,
+and as cheap as S3 for ranged GETs (``RangedGets``).
 
 moto answers a request on a bucket whatever region it was signed for; S3 refuses one that is not signed for the
 bucket's region, and that difference is how a client configured for the wrong region slips through tests.
@@ -24,8 +25,8 @@ import urllib.request
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
-from urllib.parse import parse_qs
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote
 from xml.sax.saxutils import escape
 
 from werkzeug.wrappers import Request
@@ -55,9 +56,9 @@ def signing_region(environ: WSGIEnvironment) -> tuple[str, bool] | None:
     return match["region"], presigned
 
 
-def bucket_region(environ: WSGIEnvironment) -> str | None:
-    """The region of the existing bucket a request addresses (path or virtual-host style, as moto reads it): its
-    LocationConstraint, us-east-1 when it was created without one."""
+def addressed(environ: WSGIEnvironment) -> tuple[Any, str] | None:
+    """The existing bucket a request addresses (path or virtual-host style, as moto reads it) and the key part of
+    its path ("" for the bucket itself); None for no existing bucket."""
     from moto.s3.models import s3_backends
     from moto.s3.responses import S3Response
     from moto.s3.utils import bucket_name_from_url
@@ -66,14 +67,21 @@ def bucket_region(environ: WSGIEnvironment) -> str | None:
     if request.path.startswith("/moto-api"):
         return None
     if S3Response.subdomain_based_buckets(request):
-        bucket = bucket_name_from_url(request.url)
+        bucket, key = bucket_name_from_url(request.url), request.path.lstrip("/")
     else:
-        bucket = request.path.lstrip("/").split("/", 1)[0]
+        bucket, _, key = request.path.lstrip("/").partition("/")
     owner = s3_backends.bucket_accounts.get(bucket or "")
     if owner is None:
         return None  # no such bucket: moto says so, as S3 does whatever the region
     partition, account = owner
-    return s3_backends[account][partition].buckets[bucket].region_name
+    return s3_backends[account][partition].buckets[bucket], key
+
+
+def bucket_region(environ: WSGIEnvironment) -> str | None:
+    """The region of the existing bucket a request addresses: its LocationConstraint, us-east-1 when it was created
+    without one."""
+    found = addressed(environ)
+    return None if found is None else found[0].region_name
 
 
 def region_error(signed: str, expected: str, presigned: bool, head: bool) -> tuple[str, list[tuple[str, str]], bytes]:
@@ -138,12 +146,70 @@ class RegionCheck:
         return [body]
 
 
+BYTE_RANGE = re.compile(r"^bytes=(?P<first>[0-9]*)-(?P<last>[0-9]*)$")
+
+
+class RangedGets:
+    """WSGI middleware: a GET of one byte range of an object is answered from the stored object, reading only that
+    range. moto reads the whole object for every GET, so a ranged download (boto3's, in parts) would cost the
+    object's size per part and a benchmark would measure moto. Anything else (no or several ranges, a condition but
+    a holding If-Match, versions, an unsatisfiable range) goes to moto, which answers as S3 does."""
+
+    def __init__(self, app: WSGIApplication) -> None:
+        self.app = app
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        answered = self._ranged(environ) if environ["REQUEST_METHOD"] == "GET" else None
+        if answered is None:
+            return self.app(environ, start_response)
+        status, headers, body = answered
+        start_response(status, headers)
+        return [body]
+
+    @staticmethod
+    def _ranged(environ: WSGIEnvironment) -> tuple[str, list[tuple[str, str]], bytes] | None:
+        match = BYTE_RANGE.match(environ.get("HTTP_RANGE", ""))
+        # boto3's downloads in parts send If-Match with the ETag of the first part: kept here when it holds.
+        conditions = {k for k in environ if k.startswith("HTTP_IF_")} - {"HTTP_IF_MATCH"}
+        if match is None or conditions or environ.get("QUERY_STRING") or not (match["first"] or match["last"]):
+            return None
+        found = addressed(environ)
+        if found is None or not found[1]:
+            return None
+        key = found[0].keys.get(unquote(found[1]))
+        if key is None or not hasattr(key, "_value_buffer"):
+            return None  # no such key (moto answers NoSuchKey), or a delete marker
+        if environ.get("HTTP_IF_MATCH", key.etag) not in (key.etag, key.etag.strip('"')):
+            return None  # moto's 412 PreconditionFailed
+        size = key.size
+        if match["first"]:
+            first = int(match["first"])
+            last = min(int(match["last"]), size - 1) if match["last"] else size - 1
+        else:  # a suffix: the last N bytes
+            first, last = max(size - int(match["last"]), 0), size - 1
+        if first >= size or last < first:
+            return None  # unsatisfiable: moto's 416 InvalidRange
+        with key.lock:
+            key._value_buffer.seek(first)
+            body = key._value_buffer.read(last - first + 1)
+        # The headers moto's own GET sends (S3Response.get_object), less the checksums S3 omits for a range.
+        headers = {"x-amz-version-id": key.version_id} if key.version_id != "null" else {}
+        headers |= {k: str(v) for k, v in key.response_dict.items() if k.lower() != "content-length"}
+        headers |= {k: str(v) for k, v in key.metadata.items()}
+        headers |= {
+            "Accept-Ranges": "bytes",
+            "content-range": f"bytes {first}-{last}/{size}",
+            "content-length": str(len(body)),
+        }
+        return "206 Partial Content", list(headers.items()), body
+
+
 def make_app() -> WSGIApplication:
-    """moto's server app behind the region check; a layer that answers some requests itself instead of moto (ranged
-    GETs from the stored object, say) goes between the two, so that the check covers it too."""
+    """moto's server app behind the region check, with ranged GETs answered from the stored object in between (so
+    the region check covers them too)."""
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
-    return RegionCheck(DomainDispatcherApplication(create_backend_app))
+    return RegionCheck(RangedGets(DomainDispatcherApplication(create_backend_app)))
 
 
 def serve(host: str, port: int) -> None:

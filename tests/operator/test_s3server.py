@@ -195,3 +195,38 @@ def test_a_server_that_cannot_start_fails_with_its_log(monkeypatch: pytest.Monke
         with pytest.raises(RuntimeError, match="did not start") as failed, s3server.running(tmp_path / "s3.log"):
             pass
     assert "in use" in str(failed.value)
+
+
+def test_a_ranged_get_is_answered_from_the_stored_object_as_s3_answers_it(server: tuple[str, Path]) -> None:
+    endpoint, _ = server
+    s3 = client(endpoint, BUCKET_REGION)
+    body = bytes(range(256)) * 4096  # 1 MiB
+    s3.put_object(Bucket=BUCKET, Key="big/variables.data", Body=body, ContentType="application/x-data",
+                  Metadata={"team": "search"})  # fmt: skip
+    whole = s3.get_object(Bucket=BUCKET, Key="big/variables.data")  # moto's own answer
+    for asked, first, last in (("bytes=10-99", 10, 99), ("bytes=1048000-", 1048000, 1048575), ("bytes=-16", 1048560,
+                               1048575), ("bytes=1048500-2000000", 1048500, 1048575)):  # fmt: skip
+        part = s3.get_object(Bucket=BUCKET, Key="big/variables.data", Range=asked)
+        assert part["ResponseMetadata"]["HTTPStatusCode"] == 206
+        assert part["Body"].read() == body[first : last + 1]
+        assert part["ContentRange"] == f"bytes {first}-{last}/{len(body)}"
+        assert (part["ETag"], part["ContentType"], part["Metadata"]) == (
+            whole["ETag"],
+            "application/x-data",
+            {"team": "search"},
+        )
+    # A holding If-Match (boto3 sends one with each part of a download) is served; another ETag is refused, as S3.
+    matched = s3.get_object(Bucket=BUCKET, Key="big/variables.data", Range="bytes=0-9", IfMatch=whole["ETag"])
+    assert matched["Body"].read() == body[:10]
+    with pytest.raises(ClientError) as changed:
+        s3.get_object(Bucket=BUCKET, Key="big/variables.data", Range="bytes=0-9", IfMatch='"0123456789abcdef"')
+    assert changed.value.response["Error"]["Code"] == "PreconditionFailed"
+    # What the stored object cannot satisfy is moto's to answer, as S3: 416 InvalidRange.
+    with pytest.raises(ClientError) as refused:
+        s3.get_object(Bucket=BUCKET, Key="big/variables.data", Range="bytes=2000000-")
+    assert refused.value.response["Error"]["Code"] == "InvalidRange"
+    # A ranged download in parts (boto3's transfer manager) gets the object whole.
+    target = Path(str(server[1]) + ".download")
+    parts = boto3.s3.transfer.TransferConfig(multipart_threshold=1 << 18, multipart_chunksize=1 << 18)
+    s3.download_file(BUCKET, "big/variables.data", str(target), Config=parts)
+    assert target.read_bytes() == body
