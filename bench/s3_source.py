@@ -8,8 +8,10 @@ bytes it left in scratch space.
 
 Contenders:
   floor      boto3's transfer manager (`download_file`, parallel ranged GETs) of every object into a directory
-  two-pass   today's rewrite Job: `neuron-model-fetch` into a scratch directory (its init container), then
-             `tf-neuron-auto-multicore` from there into the store; wall time and scratch bytes are the sum of both
+  two-pass   the rewrite Job before S3 sources were streamed: the same download into a scratch directory (what
+             its init container did), then `tf-neuron-auto-multicore` from there into the store; the sum of both
+  streamed   `tf-neuron-auto-multicore s3://...`: the S3 objects read in place, written into the store in one pass
+  streamed+fsync  the same with `--fsync`, as the operator's Job runs it (each file durable before publication)
 
 Usage: .venv/bin/python bench/s3_source.py [--sizes 256,1024,2048] [--out FILE]
 """
@@ -63,19 +65,16 @@ def tree_bytes(root: Path) -> int:
 def contenders(prefix: str, work: Path) -> dict[str, list[list[str]]]:
     """Each contender's commands, run one after the other; their outputs all go under ``work``."""
     uri = f"s3://{BUCKET}/{prefix}"
+    rewrite = [str(BIN / "tf-neuron-auto-multicore")]
+    into_store = ["--num_cores", "4", "--new_model_dir", str(work / "store" / "1")]
     return {
         "floor": [[PY, "-c", FLOOR, BUCKET, prefix, str(work / "download")]],
         "two-pass": [
-            [str(BIN / "neuron-model-fetch"), uri, str(work / "scratch" / "model")],
-            [
-                str(BIN / "tf-neuron-auto-multicore"),
-                str(work / "scratch" / "model"),
-                "--num_cores",
-                "4",
-                "--new_model_dir",
-                str(work / "store" / "1"),
-            ],
+            [PY, "-c", FLOOR, BUCKET, prefix, str(work / "scratch" / "model")],
+            [*rewrite, str(work / "scratch" / "model"), *into_store],
         ],
+        "streamed": [[*rewrite, uri, *into_store]],
+        "streamed+fsync": [[*rewrite, uri, *into_store, "--fsync"]],
     }
 
 
@@ -121,17 +120,16 @@ def run(sizes: list[int], tmp: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| model | floor (boto3 download) | two passes (fetch, then rewrite) | two passes / floor | scratch |",
-        "|---|---|---|---|---|",
-    ]
+    """One line per model size and contender: time, its ratio to the floor, peak RSS, scratch bytes."""
+    lines = ["| model | contender | time | / floor | peak RSS | scratch |", "|---|---|---|---|---|---|"]
     for row in rows:
-        floor, two = row["floor"], row["two-pass"]
-        lines.append(
-            f"| {row['size_mib']} MiB | {floor['seconds']:.2f} s, {floor['peak_mib']:.0f} MiB | "
-            f"{two['seconds']:.2f} s, {two['peak_mib']:.0f} MiB | {two['seconds'] / floor['seconds']:.2f}x | "
-            f"{two['scratch_mib']:.0f} MiB |"
-        )
+        floor = row["floor"]["seconds"]
+        for name in ("floor", "two-pass", "streamed", "streamed+fsync"):
+            r = row[name]
+            lines.append(
+                f"| {row['size_mib']} MiB | {name} | {r['seconds']:.2f} s | {r['seconds'] / floor:.2f}x | "
+                f"{r['peak_mib']:.0f} MiB | {r['scratch_mib']:.0f} MiB |"
+            )
     return "\n".join(lines)
 
 

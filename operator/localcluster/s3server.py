@@ -16,6 +16,7 @@ moto is imported in that process only: importing it adds its stub to botocore's 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import secrets
 import subprocess
@@ -149,6 +150,44 @@ class RegionCheck:
 BYTE_RANGE = re.compile(r"^bytes=(?P<first>[0-9]*)-(?P<last>[0-9]*)$")
 
 
+FAULTS_PATH = "/localcluster/faults"  # test equipment: interrupted transfers on request
+
+
+class Faults:
+    """WSGI middleware: a POST of ``{"key": K, "after": N, "times": T}`` to FAULTS_PATH makes the next T GETs of
+    key K send N bytes of their body and then drop the connection, as a reset or a timed-out transfer does. Each
+    drop is logged ("fault: ...") for a test to read."""
+
+    def __init__(self, app: WSGIApplication) -> None:
+        self.app = app
+        self.armed: dict[str, list[int]] = {}  # key -> [bytes sent before the drop, drops left]
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == FAULTS_PATH and environ["REQUEST_METHOD"] == "POST":
+            size = int(environ.get("CONTENT_LENGTH") or 0)
+            fault = json.loads(environ["wsgi.input"].read(size))
+            self.armed[fault["key"]] = [int(fault["after"]), int(fault["times"])]
+            start_response("204 No Content", [])
+            return [b""]
+        found = addressed(environ) if environ["REQUEST_METHOD"] == "GET" else None
+        armed = self.armed.get(unquote(found[1])) if found else None
+        if not armed or armed[1] <= 0:
+            return self.app(environ, start_response)
+        armed[1] -= 1
+        return self._dropped(self.app(environ, start_response), armed[0], environ.get("PATH_INFO", ""))
+
+    @staticmethod
+    def _dropped(body: Iterable[bytes], after: int, path: str) -> Iterator[bytes]:
+        sent = 0
+        for chunk in body:
+            if sent + len(chunk) >= after:
+                yield chunk[: after - sent]
+                print(f"fault: dropped GET {path} after {after} bytes", file=sys.stderr, flush=True)
+                raise ConnectionAbortedError("fault injected by the test")  # the server closes the connection
+            sent += len(chunk)
+            yield chunk
+
+
 class RangedGets:
     """WSGI middleware: a GET of one byte range of an object is answered from the stored object, reading only that
     range. moto reads the whole object for every GET, so a ranged download (boto3's, in parts) would cost the
@@ -205,11 +244,11 @@ class RangedGets:
 
 
 def make_app() -> WSGIApplication:
-    """moto's server app behind the region check, with ranged GETs answered from the stored object in between (so
-    the region check covers them too)."""
+    """moto's server app behind the region check, with ranged GETs answered from the stored object and interrupted
+    transfers injected on request in between (so the region check covers them too)."""
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
-    return RegionCheck(RangedGets(DomainDispatcherApplication(create_backend_app)))
+    return RegionCheck(Faults(RangedGets(DomainDispatcherApplication(create_backend_app))))
 
 
 def serve(host: str, port: int) -> None:

@@ -40,7 +40,12 @@ def _parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="compiled SavedModel directory or TF Serving base path")
+    parser.add_argument(
+        "model_dir",
+        metavar="MODEL_DIR",
+        help="compiled SavedModel directory or TF Serving base path, on disk or at s3://bucket/prefix (read in place, "
+        "with the environment's AWS credentials and region)",
+    )
     parser.add_argument("--num_cores", type=int, metavar="NUM_CORES", help="NeuronCores to replicate on (>= 1)")
     parser.add_argument("--new_model_dir", metavar="NEW_MODEL_DIR", help="where to write the rewritten model")
     parser.add_argument("--inspect", action="store_true", help="list the NeuronOps and write nothing (dry run)")

@@ -20,6 +20,7 @@ from .files import (
 )
 from .marker import FORMAT_VERSION, MARKER_FILE, read_marker, write_marker
 from .report import ModelReport, RewriteReport
+from .s3tree import S3Path, S3Reader, is_s3, open_s3, write_pieces_from_s3
 from .scan import Piece, SavedModelScanner
 from .wire import FileReader
 
@@ -126,24 +127,51 @@ def select_saved_model(root: Path, select_version: int | str) -> tuple[Path, int
     return path, number
 
 
-def _scan(root: Path, version: str | None, relative: Path, num_cores: int | None) -> _Model:
+def _source(model_dir: str | os.PathLike[str]) -> Path | S3Path:
+    """A local directory, or an ``s3://`` prefix read in place (no scratch copy)."""
+    return open_s3(model_dir) if is_s3(model_dir) else Path(model_dir)
+
+
+def _scan(root: Path | S3Path, version: str | None, relative: Path, num_cores: int | None) -> _Model:
     pb = root / relative / SAVED_MODEL
     _refuse_link_outside(pb, root)
     fingerprint = "present" if (root / relative / FINGERPRINT).exists() else "absent"
     report = ModelReport(path=str(root / relative), version=version, fingerprint=fingerprint)
-    fd = os.open(pb, os.O_RDONLY)
-    try:
-        scanner = SavedModelScanner(FileReader(fd, os.fstat(fd).st_size), str(pb), num_cores)
+    if isinstance(pb, S3Path):
+        scanner = SavedModelScanner(S3Reader(pb), str(pb), num_cores)
         plan = scanner.scan()
-    finally:
-        os.close(fd)
+    else:
+        fd = os.open(pb, os.O_RDONLY)
+        try:
+            scanner = SavedModelScanner(FileReader(fd, os.fstat(fd).st_size), str(pb), num_cores)
+            plan = scanner.scan()
+        finally:
+            os.close(fd)
     report.neuron_ops = scanner.neuron_ops
     return _Model(version, relative, report, plan)
 
 
+def _copy_file(src: Path | S3Path, dst: Path, fsync: bool) -> None:
+    if isinstance(src, S3Path):
+        write_pieces_from_s3(src, dst, [(0, src.size)], fsync)
+    else:
+        copy_file(src, dst, fsync)
+
+
+def _copy_tree(root: Path | S3Path, staging: Path, skip: set[Path], fsync: bool) -> None:
+    if not isinstance(root, S3Path):
+        copy_tree(root, staging, skip, fsync)
+        return
+    skipped = {str(p) for p in skip}
+    for relative, obj in root.files():
+        if str(relative) not in skipped:
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            write_pieces_from_s3(obj, staging / relative, [(0, obj.size)], fsync)
+
+
 def _scan_all(
-    source: Path, num_cores: int | None, select_version: int | str | None
-) -> tuple[Path, int | None, list[_Model]]:
+    source: Path | S3Path, num_cores: int | None, select_version: int | str | None
+) -> tuple[Path | S3Path, int | None, list[_Model]]:
     """The directory the output mirrors (``source``, or its selected version), that version, and its models."""
     try:
         if select_version is None:
@@ -161,7 +189,7 @@ def inspect_model(model_dir: str | os.PathLike[str], *, select_version: str | in
     writing anything."""
     if select_version is not None:
         select_version = check_select_version(select_version)
-    source = Path(model_dir)
+    source = _source(model_dir)
     _, version, models = _scan_all(source, None, select_version)
     return RewriteReport(str(source), None, None, [m.report for m in models], source_version=version)
 
@@ -179,7 +207,7 @@ class _PublishedMeanwhile(Exception):
         self.report = report
 
 
-def _reuse(source: Path, target: Path, num_cores: int, rewrite_id: str | None, start: float) -> RewriteReport | None:
+def _reuse(source: object, target: Path, num_cores: int, rewrite_id: str | None, start: float) -> RewriteReport | None:
     """The report of a reuse when ``target`` holds the complete output of rewrite ``rewrite_id``, else None."""
     marker = None if rewrite_id is None else read_marker(target)
     if marker is None or marker["rewriteId"] != rewrite_id or marker["numCores"] != num_cores:
@@ -233,10 +261,11 @@ def rewrite_model(
         select_version = check_select_version(select_version)
     if rewrite_id is not None and (not isinstance(rewrite_id, str) or not rewrite_id):
         raise UsageError(f"rewrite_id must be a non-empty string, got {rewrite_id!r}")
-    source, target = Path(model_dir), Path(new_model_dir)
-    reused = _reuse(source, target, num_cores, rewrite_id, start)
+    target = Path(new_model_dir)
+    reused = _reuse(model_dir, target, num_cores, rewrite_id, start)  # before the source is even listed
     if reused is not None:
         return reused
+    source = _source(model_dir)
     root, version, models = _scan_all(source, num_cores, select_version)
     for model in models:
         if not model.report.neuron_ops and not allow_no_neuron_ops:
@@ -259,7 +288,7 @@ def rewrite_model(
             # A marker in the input vouches for the input, never for a copy of it.
             names = (SAVED_MODEL, FINGERPRINT, MARKER_FILE)
             skip = {Path(MARKER_FILE)} | {m.relative / name for m in models for name in names}
-            copy_tree(root, staging, {p for p in skip if (root / p).exists()}, fsync)
+            _copy_tree(root, staging, {p for p in skip if (root / p).exists()}, fsync)
             for model in models:
                 _write_model(root, staging, model, recompute_fingerprint, fsync)
             report.bytes_written = tree_bytes(staging)
@@ -280,20 +309,24 @@ def rewrite_model(
     return report
 
 
-def _write_model(root: Path, staging: Path, model: _Model, recompute_fingerprint: bool, fsync: bool) -> None:
+def _write_model(root: Path | S3Path, staging: Path, model: _Model, recompute_fingerprint: bool, fsync: bool) -> None:
     src_dir, out_dir = root / model.relative, staging / model.relative
     had_fingerprint = model.report.fingerprint == "present"
     if model.plan is None:  # nothing to tag: the file and its fingerprint stay valid as they are
-        copy_file(src_dir / SAVED_MODEL, out_dir / SAVED_MODEL, fsync)
+        _copy_file(src_dir / SAVED_MODEL, out_dir / SAVED_MODEL, fsync)
         if had_fingerprint:
-            copy_file(src_dir / FINGERPRINT, out_dir / FINGERPRINT, fsync)
+            _copy_file(src_dir / FINGERPRINT, out_dir / FINGERPRINT, fsync)
         model.report.fingerprint = "kept" if had_fingerprint else "absent"
         return
-    fd = os.open(src_dir / SAVED_MODEL, os.O_RDONLY)
-    try:
-        write_pieces(fd, out_dir / SAVED_MODEL, model.plan, fsync)
-    finally:
-        os.close(fd)
+    pb = src_dir / SAVED_MODEL
+    if isinstance(pb, S3Path):
+        write_pieces_from_s3(pb, out_dir / SAVED_MODEL, model.plan, fsync)
+    else:
+        fd = os.open(pb, os.O_RDONLY)
+        try:
+            write_pieces(fd, out_dir / SAVED_MODEL, model.plan, fsync)
+        finally:
+            os.close(fd)
     if recompute_fingerprint:
         from .fingerprint import write_fingerprint  # imports TensorFlow: only on request
 

@@ -1,7 +1,7 @@
-"""``neuron-model-fetch SOURCE DEST``: the rewrite Job's init container.
+"""``neuron-model-fetch URL DEST``: the rewrite Job's init container for an http(s) archive of the model.
 
-S3 credentials come from the pod's environment (IRSA's web identity on EKS), read by boto3; nothing secret is
-logged. Archives are extracted with member paths checked, so nothing lands outside DEST.
+Archives are extracted with member paths checked, so nothing lands outside DEST. (An s3:// source needs no fetch:
+the rewrite reads it in place.)
 """
 
 from __future__ import annotations
@@ -19,28 +19,6 @@ from urllib.parse import urlparse
 
 class FetchError(Exception):
     pass
-
-
-def fetch_s3(uri: str, dest: Path) -> int:
-    import boto3  # only the fetch step needs it
-
-    parsed = urlparse(uri)
-    bucket, prefix = parsed.netloc, parsed.path.lstrip("/")
-    prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
-    s3 = boto3.client("s3")
-    count = 0
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for item in page.get("Contents", []):
-            rel = item["Key"][len(prefix) :]
-            if not rel or rel.endswith("/"):
-                continue
-            target = _inside(dest, rel)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(bucket, item["Key"], str(target))
-            count += 1
-    if not count:
-        raise FetchError(f"{uri}: no object under this prefix")
-    return count
 
 
 def _inside(dest: Path, rel: str) -> Path:
@@ -83,13 +61,15 @@ def _strip_single_top_folder(dest: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="neuron-model-fetch", description=__doc__)
-    parser.add_argument("source", help="s3://bucket/prefix or http(s)://.../model.tar.gz")
+    parser.add_argument("source", help="http(s)://.../model.tar.gz, .tgz or .zip")
     parser.add_argument("dest", type=Path, help="directory to create with the SavedModel")
     args = parser.parse_args(argv)
     scheme = urlparse(args.source).scheme
     try:
         args.dest.mkdir(parents=True, exist_ok=False)
-        count = fetch_s3(args.source, args.dest) if scheme == "s3" else fetch_http(args.source, args.dest)
+        if scheme not in ("http", "https"):
+            raise FetchError("not an http(s) URL (an s3:// source is read by the rewrite itself)")
+        count = fetch_http(args.source, args.dest)
     except FileExistsError:
         print(f"neuron-model-fetch: error: {args.dest} already exists", file=sys.stderr)
         return 1

@@ -150,30 +150,37 @@ def rewrite_job(model: Model, config: OperatorConfig) -> dict[str, Any]:
         {"name": "store", "persistentVolumeClaim": {"claimName": spec["store"]["claimName"]}},
     ]
     init_containers = []
+    env: list[dict[str, str]] = []
+    mounts = [
+        # The whole claim: the kubelet creates a missing subPath directory as root, which the Job (non-root)
+        # could not write into on a hostPath, NFS or static EFS volume. The rewrite creates the directories.
+        {"name": "store", "mountPath": STORE_DIR},
+    ]
     if "pvc" in source:
         volumes.append(
             {"name": "source", "persistentVolumeClaim": {"claimName": source["pvc"]["claimName"], "readOnly": True}}
         )
+        mounts.insert(0, {"name": "source", "mountPath": SOURCE_DIR, "readOnly": True})
         model_dir = "/".join(p for p in (SOURCE_DIR, source["pvc"].get("path", "")) if p)
+    elif "s3" in source:
+        # Read in place by the rewrite, straight into the store: no scratch volume, no init container.
+        model_dir = source["s3"]["uri"]
+        if source["s3"].get("region"):
+            # botocore reads AWS_DEFAULT_REGION, not AWS_REGION; set both, since both win over what EKS's pod
+            # identity webhook would inject (the cluster's region).
+            env += [{"name": n, "value": source["s3"]["region"]} for n in ("AWS_DEFAULT_REGION", "AWS_REGION")]
+        if source["s3"].get("endpointUrl"):
+            env.append({"name": "AWS_ENDPOINT_URL_S3", "value": source["s3"]["endpointUrl"]})
     else:
         # Downloaded by an init container into a scratch volume that the rewrite then only reads.
         volumes.append({"name": "source", "emptyDir": {}})
+        mounts.insert(0, {"name": "source", "mountPath": SOURCE_DIR, "readOnly": True})
         model_dir = f"{SOURCE_DIR}/model"
-        uri = source["s3"]["uri"] if "s3" in source else source["http"]["url"]
-        env = []
-        if "s3" in source:
-            if source["s3"].get("region"):
-                # botocore reads AWS_DEFAULT_REGION, not AWS_REGION; set both, since both win over what EKS's pod
-                # identity webhook would inject (the cluster's region).
-                env += [{"name": n, "value": source["s3"]["region"]} for n in ("AWS_DEFAULT_REGION", "AWS_REGION")]
-            if source["s3"].get("endpointUrl"):
-                env.append({"name": "AWS_ENDPOINT_URL_S3", "value": source["s3"]["endpointUrl"]})
         init_containers.append(
             {
                 "name": "fetch",
                 "image": image,
-                "command": ["neuron-model-fetch", uri, model_dir],
-                "env": env,
+                "command": ["neuron-model-fetch", source["http"]["url"], model_dir],
                 "volumeMounts": [{"name": "source", "mountPath": SOURCE_DIR}],
                 "securityContext": CONTAINER_SECURITY,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -200,12 +207,8 @@ def rewrite_job(model: Model, config: OperatorConfig) -> dict[str, Any]:
             TERMINATION_LOG,
             "--fsync",
         ],
-        "volumeMounts": [
-            {"name": "source", "mountPath": SOURCE_DIR, "readOnly": True},
-            # The whole claim: the kubelet creates a missing subPath directory as root, which the Job (non-root)
-            # could not write into on a hostPath, NFS or static EFS volume. The rewrite creates the directories.
-            {"name": "store", "mountPath": STORE_DIR},
-        ],
+        "env": env,
+        "volumeMounts": mounts,
         "securityContext": CONTAINER_SECURITY,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         # The rewrite streams the model: its memory does not grow with the model's size.

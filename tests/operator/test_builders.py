@@ -109,33 +109,30 @@ def test_rewrite_job_runs_restricted() -> None:
             assert context["capabilities"] == {"drop": ["ALL"]}
 
 
-def test_rewrite_job_for_an_s3_source() -> None:
+def test_rewrite_job_for_an_s3_source_reads_it_in_place() -> None:
     source = {"s3": {"uri": "s3://models/resnet50/", "region": "us-west-2", "endpointUrl": "https://minio.example.com"}}
     model = make_model(source=source, serviceAccountName="model-reader", imagePullSecrets=[{"name": "ecr"}])
     job = rewrite_job(model, CONFIG)
 
-    fetch = container(job, "fetch")
-    assert [c["name"] for c in pod_spec(job)["initContainers"]] == ["fetch"]
-    assert fetch["image"] == REWRITE_IMAGE
-    assert fetch["command"] == ["neuron-model-fetch", "s3://models/resnet50/", "/source/model"]
+    # No init container, no scratch volume: the rewrite streams the objects into the store.
+    assert pod_spec(job)["initContainers"] == []
+    assert [v["name"] for v in pod_spec(job)["volumes"]] == ["store"]
+    rewrite = container(job, "rewrite")
+    assert rewrite["command"][:2] == ["tf-neuron-auto-multicore", "s3://models/resnet50/"]
+    assert [m["name"] for m in rewrite["volumeMounts"]] == ["store"]
     # botocore reads AWS_DEFAULT_REGION (AWS_REGION alone would leave the webhook's region in force).
-    assert fetch["env"] == [
+    assert rewrite["env"] == [
         {"name": "AWS_DEFAULT_REGION", "value": "us-west-2"},
         {"name": "AWS_REGION", "value": "us-west-2"},
         {"name": "AWS_ENDPOINT_URL_S3", "value": "https://minio.example.com"},
     ]
-    assert {"name": "source", "mountPath": "/source"} in fetch["volumeMounts"]
-    assert volume(job, "source") == {"name": "source", "emptyDir": {}}
-    # The rewrite reads what the fetch wrote, read-only.
-    assert container(job, "rewrite")["command"][1] == "/source/model"
-    assert mount(job, "rewrite", "source")["readOnly"] is True
     assert pod_spec(job)["serviceAccountName"] == "model-reader"
     assert pod_spec(job)["imagePullSecrets"] == [{"name": "ecr"}]
 
 
 def test_rewrite_job_s3_without_region_sets_no_env() -> None:
     job = rewrite_job(make_model(source={"s3": {"uri": "s3://models/resnet50/"}}), CONFIG)
-    assert container(job, "fetch")["env"] == []
+    assert container(job, "rewrite")["env"] == []
     assert "serviceAccountName" not in pod_spec(job)
     assert "imagePullSecrets" not in pod_spec(job)
 
@@ -145,13 +142,15 @@ def test_rewrite_job_for_an_http_source() -> None:
     job = rewrite_job(make_model(source={"http": {"url": url}}), CONFIG)
     fetch = container(job, "fetch")
     assert fetch["command"] == ["neuron-model-fetch", url, "/source/model"]
-    assert fetch["env"] == []
     assert volume(job, "source") == {"name": "source", "emptyDir": {}}
+    assert {"name": "source", "mountPath": "/source"} in fetch["volumeMounts"]
+    # The rewrite reads what the fetch wrote, read-only.
     assert container(job, "rewrite")["command"][1] == "/source/model"
+    assert mount(job, "rewrite", "source")["readOnly"] is True
 
 
 def test_rewrite_job_uses_the_operator_image_when_the_spec_names_none() -> None:
-    model = make_model(rewrite={}, source={"s3": {"uri": "s3://models/resnet50/"}})
+    model = make_model(rewrite={}, source={"http": {"url": "https://models.example.com/m.tgz"}})
     job = rewrite_job(model, CONFIG)
     assert container(job, "rewrite")["image"] == CONFIG.rewrite_image
     assert container(job, "fetch")["image"] == CONFIG.rewrite_image

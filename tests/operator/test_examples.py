@@ -51,8 +51,10 @@ def test_every_example_is_applied_and_goes_ready(env: Env, models: dict[str, Pat
     assert not {t for m, t in placed if m == "bert"} - {"trn1.32xlarge"}
     batching = env.core.read_namespaced_config_map("bert-batching", env.namespace).data["batching.config"]
     assert "max_batch_size { value: 16 }" in batching
-    # The S3 model was downloaded by the Job's init container with the service account's (IRSA) identity.
+    # The S3 model was read in place by the rewrite, with the service account's (IRSA) identity: no scratch volume.
     job = env.batch.read_namespaced_job(s3_model["rewrite"]["job"], env.namespace)
-    assert [c.name for c in job.spec.template.spec.init_containers] == ["fetch"]
+    assert not job.spec.template.spec.init_containers
+    assert [v.name for v in job.spec.template.spec.volumes] == ["store"]
+    assert job.spec.template.spec.containers[0].command[1] == "s3://my-neuron-models/resnet50/"
     assert job.spec.template.spec.service_account_name == "model-reader"
     assert refusals(local_s3.log) == []  # every request signed for the bucket's region

@@ -1,4 +1,4 @@
-"""neuron-model-fetch, the rewrite Job's init container: archives over HTTP and S3 prefixes, nothing outside DEST."""
+"""neuron-model-fetch, the rewrite Job's init container for http(s) archives: nothing lands outside DEST."""
 
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from s3 import REGION, clean_aws_env, moto_server, upload_tree
 
-from localcluster.s3server import REFUSED, refusals
 from neuronmodel_fetch.cli import main
 
 
@@ -94,56 +92,3 @@ def test_existing_dest_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[
     (tmp_path / "out").mkdir()
     assert main(["http://127.0.0.1:1/model.tar.gz", str(tmp_path / "out")]) == 1
     assert "already exists" in capsys.readouterr().err
-
-
-@pytest.fixture
-def s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
-    """(endpoint, log) of a local S3 the fetch reaches as the Job's container does: by the environment only."""
-    clean_aws_env(monkeypatch, tmp_path)
-    log = tmp_path / "s3.log"
-    with moto_server(log) as endpoint:
-        for key, value in {
-            "AWS_ENDPOINT_URL_S3": endpoint,
-            "AWS_ACCESS_KEY_ID": "test",
-            "AWS_SECRET_ACCESS_KEY": "test",
-        }.items():
-            monkeypatch.setenv(key, value)
-        yield endpoint, log
-
-
-def test_s3_prefix_is_downloaded_and_an_empty_prefix_is_an_error(
-    s3: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    endpoint, _ = s3
-    upload_tree(endpoint, "models", "bert/", make_model(tmp_path / "bert"))
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    assert main(["s3://models/bert", str(tmp_path / "out")]) == 0
-    assert (tmp_path / "out" / "variables" / "variables.index").read_bytes() == b"index"
-    assert main(["s3://models/nothing-here/", str(tmp_path / "empty")]) == 1
-    assert "no object under this prefix" in capsys.readouterr().err
-
-
-def test_s3_bucket_of_another_region_is_read_with_aws_default_region(
-    s3: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """What the operator sets from ``spec.source.s3.region``: every request is signed for the bucket's region."""
-    endpoint, log = s3
-    upload_tree(endpoint, "eu-models", "bert/", make_model(tmp_path / "bert"), region="eu-west-1")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
-    assert main(["s3://eu-models/bert/", str(tmp_path / "out")]) == 0
-    assert (tmp_path / "out" / "saved_model.pb").read_bytes() == b"\x08\x01"
-    assert refusals(log) == []
-
-
-def test_s3_aws_region_alone_is_not_read_by_boto3(
-    s3: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """boto3 signs for us-east-1 and S3 refuses it; botocore then retries in the region S3's error names, so the
-    download succeeds, against AWS as here, one refused request later."""
-    endpoint, log = s3
-    upload_tree(endpoint, "eu-models", "bert/", make_model(tmp_path / "bert"), region="eu-west-1")
-    monkeypatch.setenv("AWS_REGION", "eu-west-1")
-    assert main(["s3://eu-models/bert/", str(tmp_path / "out")]) == 0
-    assert refusals(log) == [
-        f"{REFUSED} GET /eu-models: signed for us-east-1, bucket in eu-west-1",
-    ]
