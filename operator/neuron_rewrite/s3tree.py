@@ -102,9 +102,6 @@ class S3Path:
     def __str__(self) -> str:
         return f"s3://{self.listing.bucket}/{self.listing.prefix}{self.rel}".rstrip("/")
 
-    def __fspath__(self) -> str:  # only for messages: nothing opens it as a local file
-        return str(self)
-
     def __eq__(self, other: object) -> bool:
         return isinstance(other, S3Path) and (other.listing, other.rel) == (self.listing, self.rel)
 
@@ -137,9 +134,6 @@ class S3Path:
     @property
     def parents(self) -> list[S3Path]:
         return [S3Path(self.listing, str(p) if str(p) != "." else "") for p in PurePosixPath(self.rel).parents]
-
-    def relative_to(self, other: S3Path) -> PurePosixPath:
-        return PurePosixPath(self.rel).relative_to(other.rel or ".")
 
     def iterdir(self) -> Iterator[S3Path]:
         base = f"{self.rel}/" if self.rel else ""

@@ -10,7 +10,16 @@ from neuron_rewrite import FORMAT_VERSION
 
 from .config import OperatorConfig
 from .instances import cores_per_pod
-from .naming import SPEC_HASH_ANNOTATION, bounded, digest, job_name, labels, selector, serving_name
+from .naming import (
+    SPEC_HASH_ANNOTATION,
+    bounded,
+    cleanup_job_name,
+    digest,
+    job_name,
+    labels,
+    selector,
+    serving_name,
+)
 
 NEURONCORE = "aws.amazon.com/neuroncore"
 REWRITE_ANNOTATION = "serving.neuron.dev/rewrite"
@@ -37,6 +46,7 @@ CONTAINER_SECURITY = {
 }
 DEFAULT_STRATEGY = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
 SOURCE_DIR, STORE_DIR, MODELS_DIR = "/source", "/store", "/models"
+STORE_MOUNT = {"name": "store", "mountPath": STORE_DIR}
 BATCHING_FILE = "/etc/tfserving/batching.config"
 # The serving pod template's own volumes, mount paths and server container: a spec's additions must not clash.
 SERVING_VOLUMES = ("models", "tmp", "batching", "monitoring")
@@ -135,6 +145,11 @@ def _over(default: dict[str, Any], override: dict[str, Any] | None) -> dict[str,
     return merged
 
 
+def _serving_metadata(model: Model) -> dict[str, Any]:
+    """Name, namespace and labels of the objects around the serving pods: Deployment, Service, budget, monitor."""
+    return {"name": serving_name(model.name), "namespace": model.namespace, "labels": labels(model.name, "serving")}
+
+
 def _placement(spec: dict[str, Any]) -> dict[str, Any]:
     return {key: spec[key] for key in ("nodeSelector", "tolerations", "affinity") if spec.get(key)}
 
@@ -146,15 +161,13 @@ def rewrite_job(model: Model, config: OperatorConfig) -> dict[str, Any]:
     rewrite_id = model.rewrite_id()
     image = model.rewrite_image(config)
     source = spec["source"]
-    volumes: list[dict[str, Any]] = [
-        {"name": "store", "persistentVolumeClaim": {"claimName": spec["store"]["claimName"]}},
-    ]
+    volumes: list[dict[str, Any]] = []  # the store's is _store_job's
     init_containers = []
     env: list[dict[str, str]] = []
     mounts = [
         # The whole claim: the kubelet creates a missing subPath directory as root, which the Job (non-root)
         # could not write into on a hostPath, NFS or static EFS volume. The rewrite creates the directories.
-        {"name": "store", "mountPath": STORE_DIR},
+        dict(STORE_MOUNT),
     ]
     if "pvc" in source:
         volumes.append(
@@ -225,8 +238,10 @@ def rewrite_job(model: Model, config: OperatorConfig) -> dict[str, Any]:
 def _store_job(
     model: Model, name: str, pod_labels: dict[str, str], containers: list[dict], volumes: list[dict]
 ) -> dict[str, Any]:
-    """A Job that works on the store as the rewrite does: its user (the store's owner), placement and identity."""
+    """A Job that works on the store as the rewrite does: its user (the store's owner), placement and identity, and
+    the whole store claim (mounted by its containers as STORE_MOUNT) before ``volumes``."""
     rewrite = model.rewrite
+    store = {"name": "store", "persistentVolumeClaim": {"claimName": model.spec["store"]["claimName"]}}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -239,7 +254,7 @@ def _store_job(
                     "automountServiceAccountToken": False,  # it never calls the Kubernetes API
                     "securityContext": _over(POD_SECURITY, rewrite.get("podSecurityContext")),
                     "containers": containers,
-                    "volumes": volumes,
+                    "volumes": [store, *volumes],
                     **_placement(rewrite),
                     **_service_account(model.spec),
                     **_pull_secrets(model.spec),
@@ -252,7 +267,6 @@ def _store_job(
 def store_cleanup_job(model: Model, config: OperatorConfig, keep: list[str], rewrite_id: str | None) -> dict[str, Any]:
     """The Job that removes from the model's store directory every rewrite but ``keep`` (the served one and its
     fallbacks), and what interrupted rewrites left; ``rewrite_id`` None: the model is gone, remove them all."""
-    suffix = f"-clean-{rewrite_id}" if rewrite_id else "-clean-deleted"  # reconcile.DELETED_SUFFIX
     command = ["neuron-store-clean", f"{STORE_DIR}/{model.store_path}"]
     for kept in keep:
         command += ["--keep", kept]
@@ -260,13 +274,13 @@ def store_cleanup_job(model: Model, config: OperatorConfig, keep: list[str], rew
         "name": "clean",
         "image": model.rewrite_image(config),
         "command": [*command, "--report_file", TERMINATION_LOG],
-        "volumeMounts": [{"name": "store", "mountPath": STORE_DIR}],
+        "volumeMounts": [dict(STORE_MOUNT)],
         "securityContext": CONTAINER_SECURITY,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
     }
-    store = [{"name": "store", "persistentVolumeClaim": {"claimName": model.spec["store"]["claimName"]}}]
-    job = _store_job(model, bounded(model.name, suffix), labels(model.name, CLEANUP_COMPONENT), [container], store)
+    name = cleanup_job_name(model.name, rewrite_id)
+    job = _store_job(model, name, labels(model.name, CLEANUP_COMPONENT), [container], [])
     job["spec"] |= {"backoffLimit": 1, "activeDeadlineSeconds": 600}
     if rewrite_id is None:
         job["spec"]["ttlSecondsAfterFinished"] = 3600  # no model owns it: it goes by itself if the operator is away
@@ -428,9 +442,7 @@ def serving_deployment(model: Model, config: OperatorConfig, rewrite_id: str) ->
             "apiVersion": "apps/v1",
             "kind": "Deployment",
             "metadata": {
-                "name": serving_name(model.name),
-                "namespace": model.namespace,
-                "labels": labels(model.name, "serving"),
+                **_serving_metadata(model),
                 "annotations": {
                     REWRITE_ANNOTATION: rewrite_id,
                     VERSION_ANNOTATION: str(model.version),
@@ -463,11 +475,7 @@ def serving_service(model: Model) -> dict[str, Any]:
         {
             "apiVersion": "v1",
             "kind": "Service",
-            "metadata": {
-                "name": serving_name(model.name),
-                "namespace": model.namespace,
-                "labels": labels(model.name, "serving"),
-            },
+            "metadata": _serving_metadata(model),
             "spec": {
                 "selector": selector(model.name),
                 "ports": [
@@ -493,11 +501,7 @@ def disruption_budget(model: Model, config: OperatorConfig) -> dict[str, Any] | 
         {
             "apiVersion": config.disruption_budget_api,
             "kind": "PodDisruptionBudget",
-            "metadata": {
-                "name": serving_name(model.name),
-                "namespace": model.namespace,
-                "labels": labels(model.name, "serving"),
-            },
+            "metadata": _serving_metadata(model),
             "spec": {"selector": {"matchLabels": selector(model.name)}, **limit},
         }
     )
@@ -512,11 +516,7 @@ def service_monitor(model: Model, config: OperatorConfig) -> dict[str, Any] | No
         {
             "apiVersion": "monitoring.coreos.com/v1",
             "kind": "ServiceMonitor",
-            "metadata": {
-                "name": serving_name(model.name),
-                "namespace": model.namespace,
-                "labels": labels(model.name, "serving"),
-            },
+            "metadata": _serving_metadata(model),
             "spec": {
                 "selector": {"matchLabels": selector(model.name)},  # the model's Service, which carries them
                 "namespaceSelector": {"matchNames": [model.namespace]},

@@ -48,6 +48,14 @@ def job_name(model: str, rewrite_id: str) -> str:
     return bounded(model, f"-rewrite-{rewrite_id}")
 
 
+DELETED_CLEANUP_SUFFIX = "-clean-deleted"
+
+
+def cleanup_job_name(model: str, rewrite_id: str | None) -> str:
+    """The store clean-up Job once ``rewrite_id`` serves; None: the one that follows the model's deletion."""
+    return bounded(model, f"-clean-{rewrite_id}" if rewrite_id else DELETED_CLEANUP_SUFFIX)
+
+
 def model_label(model: str) -> str:
     """Label values are limited to 63 characters, object names are not."""
     return bounded(model)

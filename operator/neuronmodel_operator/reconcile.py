@@ -32,7 +32,15 @@ from .builders import (
 )
 from .config import OperatorConfig
 from .drift import drifted
-from .naming import COMPONENT_LABEL, GROUP, SPEC_HASH_ANNOTATION, bounded, job_name, model_label
+from .naming import (
+    COMPONENT_LABEL,
+    DELETED_CLEANUP_SUFFIX,
+    GROUP,
+    SPEC_HASH_ANNOTATION,
+    cleanup_job_name,
+    job_name,
+    model_label,
+)
 from .own_writes import OwnWrites, slim, without_none
 from .status import REPORT_FIELDS, Observed, Retry, compute_status, failure_message, job_outcome, rewrite_report
 from .validation import SpecError, validate
@@ -413,7 +421,7 @@ def _tend_store(scope: Scope, rewrite_id: str, store: dict[str, Any], retry: Ret
     served_before = [i for i in store.get("served") or [] if i != rewrite_id]
     retain = int((model.spec.get("store") or {}).get("retainRewrites", 1))
     store = {**store, "served": [rewrite_id, *served_before][: retain + 1]}
-    name = bounded(model.name, f"-clean-{rewrite_id}")
+    name = cleanup_job_name(model.name, rewrite_id)
     for stale in children.cleanups.keys() - {name}:
         api.delete(children.cleanups[stale], "finished")  # of an earlier rewrite, or of a deleted namesake
     # Nothing to remove from a model's first rewrite, unless a failed attempt left a staging directory behind.
@@ -426,23 +434,26 @@ def _tend_store(scope: Scope, rewrite_id: str, store: dict[str, Any], retry: Ret
     outcome = job_outcome(job)
     if outcome == "Running":
         return store
-    pods = children.pods_of_job(name)
-    store |= {"cleanedFor": rewrite_id, "cleanedAt": now()}
-    if outcome == "Complete":
-        report = rewrite_report(pods)
-        removed, freed = len(report.get("removed") or []), int(report.get("bytesFreed") or 0)
-        store |= {"removed": removed, "bytesFreed": freed, "error": None}
+    removed, freed, error = _cleanup_outcome(job, children)
+    store |= {"cleanedFor": rewrite_id, "cleanedAt": now(), "removed": removed, "bytesFreed": freed, "error": error}
+    if error is None:
         kept = ", ".join(store["served"])
-        message = f"removed {removed} superseded rewrite(s) from the store, freeing {_size(freed)}; kept {kept}"
+        message = f"removed {removed} superseded rewrite(s) from the store, freeing {_size(freed or 0)}; kept {kept}"
         kopf.info(body, reason="StoreCleaned", message=message)
     else:  # told, and tried again with the next rewrite: a store that cannot be cleaned must not hold serving up
-        store |= {"removed": None, "bytesFreed": None, "error": failure_message(job, pods)}
-        kopf.warn(body, reason="StoreCleanupFailed", message=store["error"])
+        kopf.warn(body, reason="StoreCleanupFailed", message=error)
     api.delete(job, "finished")
     return store
 
 
-DELETED_SUFFIX = "-clean-deleted"
+def _cleanup_outcome(job: dict[str, Any], children: Children) -> tuple[int | None, int | None, str | None]:
+    """What a finished clean-up Job did, from its report (termination message): (rewrites removed, bytes freed,
+    None), or (None, None, why it failed)."""
+    pods = children.pods_of_job(job["metadata"]["name"])
+    if job_outcome(job) != "Complete":
+        return None, None, failure_message(job, pods)
+    report = rewrite_report(pods)
+    return len(report.get("removed") or []), int(report.get("bytesFreed") or 0), None
 
 
 def _cleaning(children: Children) -> bool:
@@ -479,19 +490,16 @@ def finish_deleted_cleanups(api: Api, children: Children) -> None:
     """The clean-up Jobs of models that are gone: their outcome logged and told on the Job, then removed."""
     for job in children.cleanups.values():
         meta = job["metadata"]
-        outcome = job_outcome(job)
-        if not meta["name"].endswith(DELETED_SUFFIX) or outcome == "Running":
+        if not meta["name"].endswith(DELETED_CLEANUP_SUFFIX) or job_outcome(job) == "Running":
             continue
-        pods = children.pods_of_job(meta["name"])
-        if outcome == "Complete":
-            report = rewrite_report(pods)
+        removed, freed, error = _cleanup_outcome(job, children)
+        if error is None:
             message = (
-                f"removed {len(report.get('removed') or [])} rewrite(s) of a deleted NeuronModel from the store, "
-                f"freeing {_size(int(report.get('bytesFreed') or 0))}"
+                f"removed {removed} rewrite(s) of a deleted NeuronModel from the store, freeing {_size(freed or 0)}"
             )
             kopf.info(job, reason="StoreCleaned", message=message)
         else:
-            message = f"store clean-up of a deleted NeuronModel failed: {failure_message(job, pods)}"
+            message = f"store clean-up of a deleted NeuronModel failed: {error}"
             kopf.warn(job, reason="StoreCleanupFailed", message=message)
         log.info("job %s/%s: %s", meta["namespace"], meta["name"], message)
         api.delete(job, "finished")

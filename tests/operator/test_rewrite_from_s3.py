@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import urllib.request
@@ -122,7 +121,6 @@ def test_the_cli_takes_an_s3_model_dir(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["source"] == f"s3://{BUCKET}/resnet"
     assert (out / "saved_model.pb").is_file()
-    shutil.rmtree(tmp_path / "store")
 
 
 def test_the_bucket_is_read_in_the_region_aws_default_region_names(
