@@ -13,7 +13,6 @@ COPY pyproject.toml README.md ./
 # The packages the wheel holds (pyproject.toml's include list), not the test harness beside them in operator/.
 COPY operator/neuron_rewrite ./operator/neuron_rewrite
 COPY operator/neuronmodel_operator ./operator/neuronmodel_operator
-COPY operator/neuronmodel_fetch ./operator/neuronmodel_fetch
 # Byte-code is compiled here, at build time: the chart runs the container with a read-only root filesystem.
 RUN pip install ".[operator]" && rm -rf /src
 

@@ -1,5 +1,5 @@
-# The rewrite Job: tf-neuron-auto-multicore (standard library only: no TensorFlow, no Neuron SDK) and, for s3://
-# and http(s):// sources, the init container's neuron-model-fetch (the `fetch` extra: boto3), as a non-root user.
+# The rewrite Job: tf-neuron-auto-multicore (standard library only: no TensorFlow, no Neuron SDK; boto3, the `s3`
+# extra, for s3:// sources) and neuron-store-clean, as a non-root user.
 # Build from the repository root; the chart's rewriteImage (NEURONMODEL_REWRITE_IMAGE) names it:
 #   docker build -f images/rewrite.Dockerfile -t <registry>/neuronmodel-rewrite:0.1.0 .
 FROM python:3.11-slim-bookworm
@@ -14,8 +14,7 @@ COPY pyproject.toml README.md ./
 # The packages the wheel holds (pyproject.toml's include list), not the test harness beside them in operator/.
 COPY operator/neuron_rewrite ./operator/neuron_rewrite
 COPY operator/neuronmodel_operator ./operator/neuronmodel_operator
-COPY operator/neuronmodel_fetch ./operator/neuronmodel_fetch
-RUN pip install ".[fetch]" && rm -rf /src
+RUN pip install ".[s3]" && rm -rf /src
 
 WORKDIR /
 # The operator's Jobs run as non-root with a read-only root filesystem; they write only to their volumes.

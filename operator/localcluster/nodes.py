@@ -12,6 +12,7 @@ NEURON_DEVICE = "aws.amazon.com/neuron"
 NEURON_TAINT = {"key": "aws.amazon.com/neuron", "value": "true", "effect": "NoSchedule"}
 INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
 SIMULATED_LABEL = "localcluster.neuron.dev/simulated"
+ROOT_VOLUME_GIB = 100  # each simulated node's root volume (EKS's managed node groups default to 20 GiB; set per group)
 
 
 @dataclass(frozen=True)
@@ -74,14 +75,17 @@ def node_status(instance_type: str, now: str) -> dict[str, Any]:
     capacity = {
         "cpu": str(spec.vcpus),
         "memory": f"{spec.memory_gib}Gi",
+        "ephemeral-storage": f"{ROOT_VOLUME_GIB}Gi",  # the kubelet's root filesystem, where emptyDirs and logs live
         "pods": "110",
         NEURONCORE: str(spec.neuroncores),
         NEURON_DEVICE: str(spec.devices),
     }
+    # The kubelet's default hard eviction threshold (nodefs.available<10%) is not allocatable.
+    allocatable = capacity | {"ephemeral-storage": f"{ROOT_VOLUME_GIB * 9 // 10}Gi"}
     return {
         "status": {
             "capacity": capacity,
-            "allocatable": capacity,
+            "allocatable": allocatable,
             "conditions": [
                 {
                     "type": "Ready",

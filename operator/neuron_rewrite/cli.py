@@ -43,8 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "model_dir",
         metavar="MODEL_DIR",
-        help="compiled SavedModel directory or TF Serving base path, on disk or at s3://bucket/prefix (read in place, "
-        "with the environment's AWS credentials and region)",
+        help="compiled SavedModel directory or TF Serving base path: on disk, at s3://bucket/prefix (read in place, "
+        "with the environment's AWS credentials and region), or in an http(s):// .tar.gz, .tgz, .tar or .zip archive "
+        "(unpacked beside NEW_MODEL_DIR as it downloads)",
     )
     parser.add_argument("--num_cores", type=int, metavar="NUM_CORES", help="NeuronCores to replicate on (>= 1)")
     parser.add_argument("--new_model_dir", metavar="NEW_MODEL_DIR", help="where to write the rewritten model")

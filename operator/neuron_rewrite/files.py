@@ -192,8 +192,15 @@ def _publish(staging: Path, target: Path, force: bool) -> None:
     _remove(aside)
 
 
-def check_output_location(source: Path, target: Path, force: bool) -> None:
-    """Refuse an output that is, contains or sits inside the input, or that exists without ``force``."""
+def check_output_free(target: Path, force: bool) -> None:
+    if (target.exists() or target.is_symlink()) and not force:
+        raise OutputError(f"{target}: already exists (use --force to replace it)")
+
+
+def check_output_location(source: Path | object, target: Path) -> None:
+    """Refuse an output that is, contains or sits inside a local input (a remote one cannot overlap it)."""
+    if not isinstance(source, Path):
+        return
     src = source.resolve()
     out = target.resolve()
     if out == src:
@@ -202,8 +209,24 @@ def check_output_location(source: Path, target: Path, force: bool) -> None:
         raise OutputError(f"{target}: output is inside the input model {source}; choose a directory outside it")
     if out in src.parents:
         raise OutputError(f"{target}: output contains the input model {source}; choose another --new_model_dir")
-    if (target.exists() or target.is_symlink()) and not force:
-        raise OutputError(f"{target}: already exists (use --force to replace it)")
+
+
+def move_tree(src: Path, dst: Path, skip: set[Path]) -> None:
+    """Move the contents of ``src`` into the existing directory ``dst`` by renames (one filesystem), leaving the
+    relative paths in ``skip`` behind: a directory holding none of them moves whole."""
+
+    def move(here: Path) -> None:
+        for path in sorted(here.iterdir()):
+            rel = path.relative_to(src)
+            if rel in skip:
+                continue
+            if any(rel in kept.parents for kept in skip):
+                (dst / rel).mkdir()
+                move(path)
+            else:
+                os.rename(path, dst / rel)
+
+    move(src)
 
 
 def describe_os_error(exc: OSError) -> RewriteError:

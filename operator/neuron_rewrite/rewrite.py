@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .archive import is_http, unpacked
 from .errors import InvalidModelError, NotReplicableError, UsageError
 from .files import (
     atomic_directory,
+    check_output_free,
     check_output_location,
     copy_file,
     copy_tree,
     describe_os_error,
+    move_tree,
     tree_bytes,
     write_pieces,
 )
@@ -127,9 +133,27 @@ def select_saved_model(root: Path, select_version: int | str) -> tuple[Path, int
     return path, number
 
 
-def _source(model_dir: str | os.PathLike[str]) -> Path | S3Path:
-    """A local directory, or an ``s3://`` prefix read in place (no scratch copy)."""
-    return open_s3(model_dir) if is_s3(model_dir) else Path(model_dir)
+@contextlib.contextmanager
+def _opened(model_dir: str | os.PathLike[str], beside: Path | None, fsync: bool) -> Iterator[Path | S3Path]:
+    """The model to read: a local directory; an ``s3://`` prefix, read in place; an http(s) archive, unpacked
+    beside the output (on its filesystem, so its files are then moved into it), or in a temporary directory when
+    there is no output."""
+    if not is_http(model_dir):
+        yield open_s3(model_dir) if is_s3(model_dir) else Path(model_dir)
+        return
+    with contextlib.ExitStack() as stack:
+        if beside is None:
+            beside = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="neuron-inspect-"))) / "model"
+        yield stack.enter_context(unpacked(str(model_dir), beside, fsync))
+
+
+def _shown(model_dir: str | os.PathLike[str], source: Path | S3Path, models: list[_Model]) -> str:
+    """How the report names the source and its models: an archive by its URL, not where it was unpacked."""
+    if not is_http(model_dir):
+        return str(source)
+    for model in models:
+        model.report.path = model.report.path.replace(str(source), str(model_dir), 1)
+    return str(model_dir)
 
 
 def _scan(root: Path | S3Path, version: str | None, relative: Path, num_cores: int | None) -> _Model:
@@ -151,14 +175,21 @@ def _scan(root: Path | S3Path, version: str | None, relative: Path, num_cores: i
     return _Model(version, relative, report, plan)
 
 
-def _copy_file(src: Path | S3Path, dst: Path, fsync: bool) -> None:
+def _copy_file(src: Path | S3Path, dst: Path, fsync: bool, move: bool) -> None:
     if isinstance(src, S3Path):
         write_pieces_from_s3(src, dst, [(0, src.size)], fsync)
+    elif move:
+        os.rename(src, dst)
     else:
         copy_file(src, dst, fsync)
 
 
-def _copy_tree(root: Path | S3Path, staging: Path, skip: set[Path], fsync: bool) -> None:
+def _copy_tree(root: Path | S3Path, staging: Path, skip: set[Path], fsync: bool, move: bool) -> None:
+    """Every file of the model but ``skip`` into ``staging``: copied, or moved (``move``) out of an unpacked
+    archive, which is the rewrite's own and on the output's filesystem."""
+    if move:
+        move_tree(Path(root), staging, skip)
+        return
     if not isinstance(root, S3Path):
         copy_tree(root, staging, skip, fsync)
         return
@@ -189,9 +220,10 @@ def inspect_model(model_dir: str | os.PathLike[str], *, select_version: str | in
     writing anything."""
     if select_version is not None:
         select_version = check_select_version(select_version)
-    source = _source(model_dir)
-    _, version, models = _scan_all(source, None, select_version)
-    return RewriteReport(str(source), None, None, [m.report for m in models], source_version=version)
+    with _opened(model_dir, None, fsync=False) as source:
+        _, version, models = _scan_all(source, None, select_version)
+        return RewriteReport(_shown(model_dir, source, models), None, None, [m.report for m in models],
+                             source_version=version)  # fmt: skip
 
 
 def check_num_cores(num_cores: object) -> int:
@@ -244,6 +276,10 @@ def rewrite_model(
 ) -> RewriteReport:
     """Write a copy of ``model_dir`` whose every NeuronOp carries ``_automatic_multicore = num_cores``.
 
+    ``model_dir`` is a local directory, an ``s3://bucket/prefix`` (read in place), or the http(s) URL of a
+    ``.tar.gz``/``.tgz``/``.tar``/``.zip`` archive (unpacked beside the output as it downloads; its files are then
+    moved into the output, so nothing but ``saved_model.pb`` is written twice).
+
     Everything is checked before anything is written; the output then appears in one rename beside
     ``new_model_dir``, or not at all. The input is only ever opened for reading. ``fsync`` makes the output
     durable across a power loss before it is published (a process crash cannot half-write it either way).
@@ -265,57 +301,62 @@ def rewrite_model(
     reused = _reuse(model_dir, target, num_cores, rewrite_id, start)  # before the source is even listed
     if reused is not None:
         return reused
-    source = _source(model_dir)
-    root, version, models = _scan_all(source, num_cores, select_version)
-    for model in models:
-        if not model.report.neuron_ops and not allow_no_neuron_ops:
-            raise NotReplicableError(
-                f"{root / model.relative / SAVED_MODEL}: no NeuronOp found, the model is not compiled for Neuron "
-                "(pass --allow-no-neuron-ops to copy it unchanged)"
-            )
-    check_output_location(source, target, force)
-    report = RewriteReport(
-        str(source),
-        str(target),
-        num_cores,
-        [m.report for m in models],
-        source_version=version,
-        rewrite_id=rewrite_id,
-        format_version=FORMAT_VERSION,
-    )
-    try:
-        with atomic_directory(target, force, fsync) as staging:
-            # A marker in the input vouches for the input, never for a copy of it.
-            names = (SAVED_MODEL, FINGERPRINT, MARKER_FILE)
-            skip = {Path(MARKER_FILE)} | {m.relative / name for m in models for name in names}
-            _copy_tree(root, staging, {p for p in skip if (root / p).exists()}, fsync)
-            for model in models:
-                _write_model(root, staging, model, recompute_fingerprint, fsync)
-            report.bytes_written = tree_bytes(staging)
-            report.seconds = _since(start)
-            if rewrite_id is not None:
-                # A twin run (a Job's replacement pod) may have published the same rewrite while this one wrote.
-                earlier = _reuse(source, target, num_cores, rewrite_id, start)
-                if earlier is not None:
-                    raise _PublishedMeanwhile(earlier)
-                write_marker(staging, report, fsync)  # the last file: the output is complete once it exists
-    except _PublishedMeanwhile as published:
-        return published.report
-    except OSError as exc:
-        raise describe_os_error(exc) from None
+    check_output_free(target, force)  # before any byte of the source is read
+    move = is_http(model_dir)  # an unpacked archive is the rewrite's own: its files are moved, not copied
+    with _opened(model_dir, target, fsync) as source:
+        root, version, models = _scan_all(source, num_cores, select_version)
+        for model in models:
+            if not model.report.neuron_ops and not allow_no_neuron_ops:
+                raise NotReplicableError(
+                    f"{root / model.relative / SAVED_MODEL}: no NeuronOp found, the model is not compiled for "
+                    "Neuron (pass --allow-no-neuron-ops to copy it unchanged)"
+                )
+        check_output_location(source, target)
+        shown = _shown(model_dir, source, models)
+        report = RewriteReport(
+            shown,
+            str(target),
+            num_cores,
+            [m.report for m in models],
+            source_version=version,
+            rewrite_id=rewrite_id,
+            format_version=FORMAT_VERSION,
+        )
+        try:
+            with atomic_directory(target, force, fsync) as staging:
+                # A marker in the input vouches for the input, never for a copy of it.
+                names = (SAVED_MODEL, FINGERPRINT, MARKER_FILE)
+                skip = {Path(MARKER_FILE)} | {m.relative / name for m in models for name in names}
+                _copy_tree(root, staging, {p for p in skip if (root / p).exists()}, fsync, move)
+                for model in models:
+                    _write_model(root, staging, model, recompute_fingerprint, fsync, move)
+                report.bytes_written = tree_bytes(staging)
+                report.seconds = _since(start)
+                if rewrite_id is not None:
+                    # A twin run (a Job's replacement pod) may have published the same rewrite while this one wrote.
+                    earlier = _reuse(shown, target, num_cores, rewrite_id, start)
+                    if earlier is not None:
+                        raise _PublishedMeanwhile(earlier)
+                    write_marker(staging, report, fsync)  # the last file: the output is complete once it exists
+        except _PublishedMeanwhile as published:
+            return published.report
+        except OSError as exc:
+            raise describe_os_error(exc) from None
     for model in models:  # report the output as it now is
         model.report.path = str(target / model.relative)
         model.report.neuron_ops = [replace(op, automatic_multicore=num_cores) for op in model.report.neuron_ops]
     return report
 
 
-def _write_model(root: Path | S3Path, staging: Path, model: _Model, recompute_fingerprint: bool, fsync: bool) -> None:
+def _write_model(
+    root: Path | S3Path, staging: Path, model: _Model, recompute_fingerprint: bool, fsync: bool, move: bool
+) -> None:
     src_dir, out_dir = root / model.relative, staging / model.relative
     had_fingerprint = model.report.fingerprint == "present"
     if model.plan is None:  # nothing to tag: the file and its fingerprint stay valid as they are
-        _copy_file(src_dir / SAVED_MODEL, out_dir / SAVED_MODEL, fsync)
+        _copy_file(src_dir / SAVED_MODEL, out_dir / SAVED_MODEL, fsync, move)
         if had_fingerprint:
-            _copy_file(src_dir / FINGERPRINT, out_dir / FINGERPRINT, fsync)
+            _copy_file(src_dir / FINGERPRINT, out_dir / FINGERPRINT, fsync, move)
         model.report.fingerprint = "kept" if had_fingerprint else "absent"
         return
     pb = src_dir / SAVED_MODEL

@@ -53,7 +53,18 @@ SERVING_VOLUMES = ("models", "tmp", "batching", "monitoring")
 SERVING_MOUNT_PATHS = (MODELS_DIR, "/tmp", "/etc/tfserving")
 SERVER_CONTAINER = "tfserving"
 TERMINATION_LOG = "/dev/termination-log"  # the container's termination message: the rewrite's report
-REWRITE_RESOURCES = {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
+# The Jobs write nothing on the node: every source is read in place or unpacked beside the output in the store, and
+# the root filesystem is read-only. Their node disk is their log and termination message, declared so the scheduler
+# counts it and the kubelet evicts a runaway instead of letting it fill the node.
+NODE_DISK = {"requests": {"ephemeral-storage": "16Mi"}, "limits": {"ephemeral-storage": "64Mi"}}
+REWRITE_RESOURCES = {
+    "requests": {"cpu": "250m", "memory": "128Mi", **NODE_DISK["requests"]},
+    "limits": {"memory": "512Mi", **NODE_DISK["limits"]},
+}
+CLEANUP_RESOURCES = {
+    "requests": {"cpu": "50m", "memory": "64Mi", **NODE_DISK["requests"]},
+    "limits": {"memory": "128Mi", **NODE_DISK["limits"]},
+}
 # A new serving pod shows no progress to the Deployment controller until it is available: scheduling, the pull of a
 # multi-GiB Neuron image and the model's load (up to the startup timeout) all come first. The progress deadline is
 # the startup timeout plus this margin, so a healthy load is never reported ProgressDeadlineExceeded.
@@ -162,7 +173,6 @@ def rewrite_job(model: Model, config: OperatorConfig) -> dict[str, Any]:
     image = model.rewrite_image(config)
     source = spec["source"]
     volumes: list[dict[str, Any]] = []  # the store's is _store_job's
-    init_containers = []
     env: list[dict[str, str]] = []
     mounts = [
         # The whole claim: the kubelet creates a missing subPath directory as root, which the Job (non-root)
@@ -176,7 +186,7 @@ def rewrite_job(model: Model, config: OperatorConfig) -> dict[str, Any]:
         mounts.insert(0, {"name": "source", "mountPath": SOURCE_DIR, "readOnly": True})
         model_dir = "/".join(p for p in (SOURCE_DIR, source["pvc"].get("path", "")) if p)
     elif "s3" in source:
-        # Read in place by the rewrite, straight into the store: no scratch volume, no init container.
+        # Read in place by the rewrite, straight into the store: no scratch volume.
         model_dir = source["s3"]["uri"]
         if source["s3"].get("region"):
             # botocore reads AWS_DEFAULT_REGION, not AWS_REGION; set both, since both win over what EKS's pod
@@ -185,21 +195,8 @@ def rewrite_job(model: Model, config: OperatorConfig) -> dict[str, Any]:
         if source["s3"].get("endpointUrl"):
             env.append({"name": "AWS_ENDPOINT_URL_S3", "value": source["s3"]["endpointUrl"]})
     else:
-        # Downloaded by an init container into a scratch volume that the rewrite then only reads.
-        volumes.append({"name": "source", "emptyDir": {}})
-        mounts.insert(0, {"name": "source", "mountPath": SOURCE_DIR, "readOnly": True})
-        model_dir = f"{SOURCE_DIR}/model"
-        init_containers.append(
-            {
-                "name": "fetch",
-                "image": image,
-                "command": ["neuron-model-fetch", source["http"]["url"], model_dir],
-                "volumeMounts": [{"name": "source", "mountPath": SOURCE_DIR}],
-                "securityContext": CONTAINER_SECURITY,
-                "terminationMessagePolicy": "FallbackToLogsOnError",
-                "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
-            }
-        )
+        # Unpacked by the rewrite as it downloads, beside its output in the store: no scratch volume either.
+        model_dir = source["http"]["url"]
     container = {
         "name": "rewrite",
         "image": image,
@@ -231,7 +228,6 @@ def rewrite_job(model: Model, config: OperatorConfig) -> dict[str, Any]:
     job = _store_job(model, job_name(model.name, rewrite_id), pod_labels, [container], volumes)
     job["spec"]["backoffLimit"] = rewrite.get("backoffLimit", 2)
     job["spec"]["activeDeadlineSeconds"] = rewrite.get("activeDeadlineSeconds", 1800)
-    job["spec"]["template"]["spec"]["initContainers"] = init_containers
     return _with_hash(job)
 
 
@@ -277,7 +273,7 @@ def store_cleanup_job(model: Model, config: OperatorConfig, keep: list[str], rew
         "volumeMounts": [dict(STORE_MOUNT)],
         "securityContext": CONTAINER_SECURITY,
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
+        "resources": CLEANUP_RESOURCES,
     }
     name = cleanup_job_name(model.name, rewrite_id)
     job = _store_job(model, name, labels(model.name, CLEANUP_COMPONENT), [container], [])

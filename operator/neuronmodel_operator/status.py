@@ -70,13 +70,11 @@ def job_outcome(job: dict[str, Any] | None) -> str:
 
 
 def _container_statuses(pod: dict[str, Any]) -> list[dict[str, Any]]:
-    """Init containers first, then the containers: a stuck or failed init container is the one to tell."""
-    pod_status = pod.get("status") or {}
-    return [*(pod_status.get("initContainerStatuses") or []), *(pod_status.get("containerStatuses") or [])]
+    return (pod.get("status") or {}).get("containerStatuses") or []  # the operator's pods have no init containers
 
 
 def _terminations(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The terminated states of the pods' containers, init containers first, newest pod first."""
+    """The terminated states of the pods' containers, newest pod first."""
     states = []
     for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True):
         for status in _container_statuses(pod):

@@ -20,9 +20,9 @@ from localcluster.images import Image, ImageError, available, context_files, ens
 # What each image must run (exit 0) as uid 65532 on a read-only root.
 COMMANDS = {
     "operator": [["neuronmodel-operator", "--help"]],
-    "rewrite": [["tf-neuron-auto-multicore", "--help"], ["neuron-model-fetch", "--help"]],
+    "rewrite": [["tf-neuron-auto-multicore", "--help"], ["neuron-store-clean", "--help"]],
 }
-PRODUCTION = "import neuron_rewrite, neuronmodel_operator, neuronmodel_fetch"
+PRODUCTION = "import neuron_rewrite, neuronmodel_operator"
 HARNESS = ("localcluster", "neuron_modelgen", "tfserving_standin")
 PRODUCT_IMAGES = ("operator", "rewrite")
 

@@ -34,7 +34,7 @@ def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
 
 def container(obj: dict[str, Any], name: str) -> dict[str, Any]:
     spec = pod_spec(obj)
-    return next(c for c in [*spec.get("initContainers", []), *spec["containers"]] if c["name"] == name)
+    return next(c for c in spec["containers"] if c["name"] == name)
 
 
 def volume(obj: dict[str, Any], name: str) -> dict[str, Any]:
@@ -62,7 +62,7 @@ def test_rewrite_job_for_a_pvc_source() -> None:
     assert job["metadata"]["namespace"] == NAMESPACE
     assert job["spec"]["backoffLimit"] == 2 and job["spec"]["activeDeadlineSeconds"] == 1800
     assert pod_spec(job)["restartPolicy"] == "Never"
-    assert pod_spec(job)["initContainers"] == []
+    assert "initContainers" not in pod_spec(job)
 
     assert volume(job, "source")["persistentVolumeClaim"] == {"claimName": "compiled-models", "readOnly": True}
     assert volume(job, "store")["persistentVolumeClaim"] == {"claimName": "model-store"}
@@ -102,7 +102,7 @@ def test_rewrite_job_runs_restricted() -> None:
         assert security["runAsNonRoot"] is True
         assert security["seccompProfile"] == {"type": "RuntimeDefault"}
         assert isinstance(security["runAsUser"], int) and security["runAsUser"] != 0
-        for spec in [*pod_spec(job)["initContainers"], *pod_spec(job)["containers"]]:
+        for spec in pod_spec(job)["containers"]:
             context = spec["securityContext"]
             assert context["allowPrivilegeEscalation"] is False
             assert context["readOnlyRootFilesystem"] is True
@@ -114,8 +114,8 @@ def test_rewrite_job_for_an_s3_source_reads_it_in_place() -> None:
     model = make_model(source=source, serviceAccountName="model-reader", imagePullSecrets=[{"name": "ecr"}])
     job = rewrite_job(model, CONFIG)
 
-    # No init container, no scratch volume: the rewrite streams the objects into the store.
-    assert pod_spec(job)["initContainers"] == []
+    # No scratch volume: the rewrite streams the objects into the store.
+    assert "initContainers" not in pod_spec(job)
     assert [v["name"] for v in pod_spec(job)["volumes"]] == ["store"]
     rewrite = container(job, "rewrite")
     assert rewrite["command"][:2] == ["tf-neuron-auto-multicore", "s3://models/resnet50/"]
@@ -137,23 +137,33 @@ def test_rewrite_job_s3_without_region_sets_no_env() -> None:
     assert "imagePullSecrets" not in pod_spec(job)
 
 
-def test_rewrite_job_for_an_http_source() -> None:
+def test_rewrite_job_for_an_http_source_unpacks_it_into_the_store() -> None:
     url = "https://models.example.com/resnet50.tar.gz"
     job = rewrite_job(make_model(source={"http": {"url": url}}), CONFIG)
-    fetch = container(job, "fetch")
-    assert fetch["command"] == ["neuron-model-fetch", url, "/source/model"]
-    assert volume(job, "source") == {"name": "source", "emptyDir": {}}
-    assert {"name": "source", "mountPath": "/source"} in fetch["volumeMounts"]
-    # The rewrite reads what the fetch wrote, read-only.
-    assert container(job, "rewrite")["command"][1] == "/source/model"
-    assert mount(job, "rewrite", "source")["readOnly"] is True
+    # No init container, no scratch volume: the rewrite unpacks the archive beside its output as it downloads.
+    assert "initContainers" not in pod_spec(job)
+    assert [v["name"] for v in pod_spec(job)["volumes"]] == ["store"]
+    rewrite = container(job, "rewrite")
+    assert rewrite["command"][:2] == ["tf-neuron-auto-multicore", url]
 
 
-def test_rewrite_job_uses_the_operator_image_when_the_spec_names_none() -> None:
-    model = make_model(rewrite={}, source={"http": {"url": "https://models.example.com/m.tgz"}})
-    job = rewrite_job(model, CONFIG)
-    assert container(job, "rewrite")["image"] == CONFIG.rewrite_image
-    assert container(job, "fetch")["image"] == CONFIG.rewrite_image
+@pytest.mark.parametrize(
+    "source",
+    [
+        {"http": {"url": "https://models.example.com/m.tgz"}},
+        {"s3": {"uri": "s3://models/m/"}},
+        {"pvc": {"claimName": "compiled"}},
+    ],
+)
+def test_the_jobs_declare_the_node_disk_they_use_whatever_the_source(source: dict) -> None:
+    """Nothing but the log is written on the node, so a small ephemeral-storage request and limit, for every
+    source: the scheduler counts it, and the kubelet evicts a Job that would fill the node."""
+    model = make_model(source=source)
+    for job in (rewrite_job(model, CONFIG), builders.store_cleanup_job(model, CONFIG, [], None)):
+        (only,) = pod_spec(job)["containers"]
+        assert only["resources"]["requests"]["ephemeral-storage"] == "16Mi"
+        assert only["resources"]["limits"]["ephemeral-storage"] == "64Mi"
+        assert all("emptyDir" not in volume for volume in pod_spec(job)["volumes"])
 
 
 def test_rewrite_job_honours_backoff_and_deadline() -> None:
@@ -576,8 +586,8 @@ def test_the_rewrite_pod_takes_the_specs_security_context_resources_and_placemen
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     assert container(rewrite_job(make_model(rewrite=rewrite), CONFIG), "rewrite")["resources"] == {
-        "requests": {"cpu": "250m", "memory": "128Mi"},
-        "limits": {"memory": "1Gi"},
+        "requests": {"cpu": "250m", "memory": "128Mi", "ephemeral-storage": "16Mi"},
+        "limits": {"memory": "1Gi", "ephemeral-storage": "64Mi"},
     }
     assert spec["nodeSelector"] == {"kubernetes.io/arch": "arm64"}
     assert spec["tolerations"] == [toleration]

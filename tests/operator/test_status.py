@@ -482,15 +482,15 @@ def test_zero_replicas_is_idle_not_ready() -> None:
     assert "spec.replicas is 0: nothing serves" in conditions(status)["Ready"]["message"]
 
 
-def test_an_init_container_that_cannot_pull_its_image_blocks_the_rewrite() -> None:
+def test_a_rewrite_image_that_cannot_be_pulled_blocks_the_rewrite() -> None:
     model = make_model(source={"s3": {"uri": "s3://models/resnet50/"}})
     name = job_name(model.name, model.rewrite_id())
     pod = job_pod(name, "p1", EARLIER, "")
     pod["status"] = {
         "phase": "Pending",
-        "initContainerStatuses": [
+        "containerStatuses": [
             {
-                "name": "fetch",
+                "name": "rewrite",
                 "state": {
                     "waiting": {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "typo/rewrite"'}
                 },
@@ -500,7 +500,7 @@ def test_an_init_container_that_cannot_pull_its_image_blocks_the_rewrite() -> No
     status = status_of(model, Observed(job=job_body(name), job_pods=[pod]))
     rewrite = conditions(status)["RewriteSucceeded"]
     assert rewrite["reason"] == "RewriteBlocked"
-    assert "container fetch: ImagePullBackOff: Back-off pulling image" in rewrite["message"]
+    assert "container rewrite: ImagePullBackOff: Back-off pulling image" in rewrite["message"]
     assert status["phase"] == "Failed" and conditions(status)["Ready"]["reason"] == "RewriteBlocked"
 
 

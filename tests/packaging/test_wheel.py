@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PRODUCTION = {"neuron_rewrite", "neuronmodel_operator", "neuronmodel_fetch"}
+PRODUCTION = {"neuron_rewrite", "neuronmodel_operator"}
 
 
 def test_the_wheel_installs_only_the_three_production_packages(tmp_path: Path) -> None:
