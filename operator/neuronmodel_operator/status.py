@@ -109,12 +109,24 @@ def failure_message(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
         if lines:
             detail = (errors or lines)[-1].strip()
             break
+    else:
+        detail = _evicted(pods)
     reason = failed.get("reason") or "Failed"
     base = f"rewrite Job {job['metadata']['name']} failed ({reason})"
     message = f"{base}: {detail}" if detail else f"{base}: {failed.get('message', 'no message from the pod')}"
     if "Permission denied" in detail:
         message += f"; {STORE_PERMISSION_HINT}"
     return message
+
+
+def _evicted(pods: list[dict[str, Any]]) -> str:
+    """The kubelet's words for a pod it stopped from outside (an eviction for node disk or memory pressure, or for
+    going over its ephemeral-storage limit): its containers leave no message of their own then."""
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True):
+        status = pod.get("status") or {}
+        if status.get("reason") and status.get("message"):
+            return f"pod {pod['metadata']['name']} {status['reason']}: {status['message'].strip()}"
+    return ""
 
 
 def _pod_problem(pods: list[dict[str, Any]]) -> tuple[str, str] | None:

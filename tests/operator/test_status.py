@@ -144,6 +144,21 @@ def test_a_failed_rewrite_without_pods_uses_the_job_message() -> None:
     assert "DeadlineExceeded" in message and "active longer than specified deadline" in message
 
 
+def test_an_evicted_rewrite_pod_is_reported_in_the_kubelets_words() -> None:
+    """An eviction (here for the ephemeral-storage limit) leaves no termination message: the pod's own reason and
+    message say why, not only the Job's BackoffLimitExceeded."""
+    model = make_model()
+    name = job_name(model.name, model.rewrite_id())
+    pod = job_pod(name, "ddddd", "2025-05-01T10:02:00Z", "", exit_code=137)
+    words = "Pod ephemeral local storage usage exceeds the total limit of containers 64Mi. "
+    pod["status"] |= {"reason": "Evicted", "message": words}
+    status = status_of(model, Observed(job=job_body(name, "Failed"), job_pods=[pod]))
+    message = conditions(status)["RewriteSucceeded"]["message"]
+    assert message == (
+        f"rewrite Job {name} failed (BackoffLimitExceeded): pod {name}-ddddd Evicted: {words.strip()}"
+    ), message
+
+
 def test_a_failed_rewrite_while_old_pods_serve_is_degraded() -> None:
     model = make_model(numCores=4)
     name = job_name(model.name, model.rewrite_id())
