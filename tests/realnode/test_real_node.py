@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import tarfile
 import threading
 import time
 import urllib.request
@@ -29,6 +30,7 @@ from kubernetes import client
 
 from localcluster import realnode
 from localcluster.helm import helm, install_operator
+from localcluster.httpserver import serving
 from localcluster.images import Image
 from localcluster.pytest_plugin import wait_for
 from localcluster.realnode import example_on_real_node
@@ -385,3 +387,24 @@ def test_pod_template_additions_run_on_the_kubelet(deployed: Deployment, built_i
     answer = first_answer(deployed.predict_url("dressed", served_as="dressed"), sample_input(3))
     assert np.allclose(answer, deployed.expected["logits"], atol=1e-5)
     deployed.kubectl("delete", "neuronmodel", "dressed", "--wait=true", "--timeout=120s")
+
+
+def test_an_http_archive_source_is_unpacked_by_the_rewrite_image_and_served(deployed: Deployment) -> None:
+    """The rewrite image, as uid 65532 in containerd, fetches the archive across the pod network (the bridge's
+    address is the host's), unpacks it into the store as it downloads, and the served model answers."""
+    www = deployed.sources.parent / "www"
+    www.mkdir(exist_ok=True)
+    with tarfile.open(www / "resnet50.tar.gz", "w:gz") as tar:
+        tar.add(deployed.sources / MODEL, arcname=MODEL)
+    with serving(www, host=realnode.GATEWAY) as server:
+        manifest = example_on_real_node((REPO / "examples" / "resnet50-inf2.yaml").read_text())
+        manifest["metadata"]["name"] = "fromweb"
+        manifest["spec"]["source"] = {"http": {"url": f"{server.url}/resnet50.tar.gz"}}
+        manifest["spec"]["numCores"] = 1
+        deployed.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+        status = deployed.wait_status(lambda s: s.get("phase") == "Ready", "the archive's model Ready", name="fromweb")
+        assert server.log[:1] == ["GET /resnet50.tar.gz range=None -> 200"]
+    assert status["rewrite"]["neuronOps"] >= 1
+    answer = first_answer(deployed.predict_url("fromweb", served_as="fromweb"), sample_input(3))
+    assert np.allclose(answer, deployed.expected["logits"], atol=1e-5)
+    deployed.kubectl("delete", "neuronmodel", "fromweb", "--wait=true")
