@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import bz2
 import contextlib
-import gzip
 import http.client
 import io
 import lzma
 import os
+import queue
 import shutil
 import stat
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,13 +37,11 @@ from .errors import InvalidModelError, RewriteError
 from .files import describe_os_error
 
 CHUNK = 1 << 20
+READ_AHEAD = 4  # chunks downloaded ahead of the one being unpacked
 ATTEMPTS = 5
 TIMEOUT = 60  # seconds without a byte before a connection counts as broken
 USER_AGENT = "tf-neuron-auto-multicore"
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a member, or an empty archive's end record
-# Decompressors that never hold more than what is asked of them: tarfile's own stream mode decompresses a whole read
-# of compressed bytes at once, so a run of zeros (or a crafted archive) would expand to gigabytes in memory.
-_COMPRESSED = {b"\x1f\x8b": gzip.GzipFile, b"BZh": bz2.BZ2File, b"\xfd7zXZ\x00": lzma.LZMAFile}
 
 
 def is_http(location: object) -> bool:
@@ -138,6 +137,101 @@ class HttpFile(io.RawIOBase):
         raise AssertionError("unreachable")
 
 
+class _ReadAhead(io.RawIOBase):
+    """Sequential reads of ``source``, downloaded ``READ_AHEAD`` chunks ahead by a thread: the transfer goes on while
+    the caller decompresses and writes (zlib and the writes release the GIL). Its errors reach the caller."""
+
+    def __init__(self, source: IO[bytes]) -> None:
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(READ_AHEAD)
+        self._chunk = memoryview(b"")
+        self._ended = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(source,), name="read-ahead", daemon=True)
+        self._thread.start()
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self, source: IO[bytes]) -> None:
+        try:
+            while not self._stop.is_set():
+                data = source.read(CHUNK)
+                self._put(data)
+                if not data:
+                    return
+        except BaseException as exc:  # handed to the reader, which raises it as its own
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        while not self._chunk:
+            if self._ended:
+                return 0
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._ended = True
+                raise item
+            if not item:
+                self._ended = True
+                return 0
+            self._chunk = memoryview(item)
+        count = min(len(buffer), len(self._chunk))
+        buffer[:count] = self._chunk[:count]
+        self._chunk = self._chunk[count:]
+        return count
+
+    def close(self) -> None:
+        self._stop.set()  # a filler waiting on a full queue gives up within its timeout, one reading within TIMEOUT
+        self._thread.join(TIMEOUT)
+        super().close()
+
+
+class _Gunzip(io.RawIOBase):
+    """The gzip members of ``source`` (a .tar.gz may hold several, as ``pigz`` writes them) decompressed by zlib,
+    which checks each member's CRC and length, never more than is asked for: tarfile's own stream mode decompresses
+    a whole read at once, so a run of zeros (or a crafted archive) would expand to gigabytes in memory."""
+
+    def __init__(self, source: IO[bytes]) -> None:
+        self.source = source
+        self._inflate = zlib.decompressobj(_GZIP_WBITS)
+        self._input = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        while True:
+            if self._inflate.eof:  # the next member, or the end (gzip allows zeros after the last member)
+                rest = self._inflate.unused_data.lstrip(b"\0")
+                while not rest:
+                    more = self.source.read(CHUNK)
+                    if not more:
+                        return 0
+                    rest = more.lstrip(b"\0")
+                self._inflate, self._input = zlib.decompressobj(_GZIP_WBITS), rest
+            if not self._input:
+                self._input = self.source.read(CHUNK)
+                if not self._input:
+                    raise EOFError("the gzip stream ends before its end marker")
+            out = self._inflate.decompress(self._input, len(buffer))
+            self._input = self._inflate.unconsumed_tail
+            if out:
+                buffer[: len(out)] = out
+                return len(out)
+
+
+_GZIP_WBITS = 16 + zlib.MAX_WBITS  # a gzip header and trailer around the deflate stream
+# The bzip2 and xz readers of the standard library also decompress only what is asked of them.
+_COMPRESSED = {b"\x1f\x8b": _Gunzip, b"BZh": bz2.BZ2File, b"\xfd7zXZ\x00": lzma.LZMAFile}
+
+
 def _member_path(url: str, name: str) -> PurePosixPath | None:
     """Where a member lands relative to the model, None for the archive's root itself; refused if outside it."""
     path = PurePosixPath(name.replace("\\", "/"))
@@ -168,7 +262,7 @@ def _decompressed(stream: io.BufferedReader) -> IO[bytes]:
     head = stream.peek(6)
     for magic, reader in _COMPRESSED.items():
         if head.startswith(magic):
-            return reader(fileobj=stream, mode="rb")  # type: ignore[no-any-return]
+            return io.BufferedReader(reader(stream), CHUNK)  # type: ignore[arg-type]
     return stream
 
 
@@ -226,19 +320,22 @@ def unpack(url: str, dest: Path, fsync: bool) -> Path:
     top folder holds the model in that folder, as ``tar czf model.tgz resnet50/`` makes)."""
     dest.mkdir()
     with HttpFile(url) as raw, io.BufferedReader(raw, CHUNK) as stream:
-        if stream.peek(4)[:4] not in _ZIP_MAGIC:
-            _unpack_tar(url, stream, dest, fsync)
-        elif raw.seekable():
+        zipped = stream.peek(4)[:4] in _ZIP_MAGIC
+        if zipped and raw.seekable():
             _unpack_zip(url, stream, dest, fsync)
-        else:  # the directory at the end cannot be reached without the rest: keep the archive beside the output
-            saved = dest.with_name(dest.name + ".zip")
-            with saved.open("wb") as out:
-                shutil.copyfileobj(stream, out, CHUNK)
-            try:
-                with saved.open("rb") as local:
-                    _unpack_zip(url, local, dest, fsync)
-            finally:
-                saved.unlink()
+        else:
+            with io.BufferedReader(_ReadAhead(stream), CHUNK) as ahead:
+                if not zipped:
+                    _unpack_tar(url, ahead, dest, fsync)
+                else:  # its directory cannot be reached without the rest: the archive is kept beside the output
+                    saved = dest.with_name(dest.name + ".zip")
+                    with saved.open("wb") as out:
+                        shutil.copyfileobj(ahead, out, CHUNK)
+                    try:
+                        with saved.open("rb") as local:
+                            _unpack_zip(url, local, dest, fsync)
+                    finally:
+                        saved.unlink()
     entries = list(dest.iterdir())
     if len(entries) == 1 and entries[0].is_dir() and not entries[0].name.isdigit():  # a number: a version folder
         return entries[0]

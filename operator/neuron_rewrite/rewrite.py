@@ -222,8 +222,8 @@ def inspect_model(model_dir: str | os.PathLike[str], *, select_version: str | in
         select_version = check_select_version(select_version)
     with _opened(model_dir, None, fsync=False) as source:
         _, version, models = _scan_all(source, None, select_version)
-        return RewriteReport(_shown(model_dir, source, models), None, None, [m.report for m in models],
-                             source_version=version)  # fmt: skip
+        shown = _shown(model_dir, source, models)
+        return RewriteReport(shown, None, None, [m.report for m in models], source_version=version)
 
 
 def check_num_cores(num_cores: object) -> int:

@@ -4,6 +4,7 @@ resumed, and nothing left behind when it fails."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import stat
@@ -350,3 +351,26 @@ def test_memory_stays_bounded_however_far_an_archive_expands(tmp_path: Path, www
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) < 100 << 10, f"peak RSS {int(done.stdout) >> 10} MiB"
     assert (tmp_path / "out" / "variables" / "variables.data-00000-of-00001").stat().st_size == 256 << 20
+
+
+def test_a_gzip_of_several_members_is_one_archive_and_a_bad_crc_is_refused(
+    models: Path, www: ArchiveServer, tmp_path: Path
+) -> None:
+    """pigz and `cat a.gz b.gz` write several gzip members, some tools pad the end with zeros: one stream to gzip.
+    A member whose CRC does not match its bytes is refused, as gzip refuses it."""
+    tar_of(models / "resnet50", tmp_path / "m.tar", mode="w")
+    data = (tmp_path / "m.tar").read_bytes()
+    half = len(data) // 2
+    (www.root / "pigz.tar.gz").write_bytes(gzip.compress(data[:half]) + gzip.compress(data[half:]) + b"\0" * 512)
+    rewrite_model(f"{www.url}/pigz.tar.gz", tmp_path / "pigz", 2)
+    rewrite_model(models / "resnet50", tmp_path / "disk", 2)
+    assert tree_digest(tmp_path / "pigz") == tree_digest(tmp_path / "disk")
+
+    damaged = bytearray(gzip.compress(data))
+    damaged[-8] ^= 0xFF  # the trailer's CRC-32
+    (www.root / "crc.tar.gz").write_bytes(bytes(damaged))
+    with pytest.raises(
+        InvalidModelError, match=r"crc\.tar\.gz: the archive ends early or is corrupt \(.*incorrect data check"
+    ):
+        rewrite_model(f"{www.url}/crc.tar.gz", tmp_path / "store" / "1", 2)
+    assert leftovers(tmp_path / "store") == []
