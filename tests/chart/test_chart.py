@@ -358,7 +358,7 @@ def test_the_chart_crds_declare_only_schema_fields(crd: str) -> None:
     ("dockerfile", "extra", "script"),
     [
         ("operator.Dockerfile", "operator", "neuronmodel-operator"),
-        ("rewrite.Dockerfile", "fetch", "tf-neuron-auto-multicore"),
+        ("rewrite.Dockerfile", "s3", "tf-neuron-auto-multicore"),
     ],
 )
 def test_the_dockerfiles_install_an_extra_and_run_a_console_script_of_this_package(
