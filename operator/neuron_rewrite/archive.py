@@ -241,6 +241,10 @@ def _member_path(url: str, name: str) -> PurePosixPath | None:
     return PurePosixPath(*parts) if parts else None
 
 
+def _link_refused(url: str, name: str) -> InvalidModelError:
+    return InvalidModelError(f"{url}: member {name!r} is a link (links are refused: one could reach outside the model)")
+
+
 def _write_member(url: str, name: str, data: IO[bytes], out: Path, fsync: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -274,10 +278,7 @@ def _unpack_tar(url: str, stream: io.BufferedReader, dest: Path, fsync: bool) ->
                 started = True
                 relative = _member_path(url, member.name)
                 if member.issym() or member.islnk():
-                    raise InvalidModelError(
-                        f"{url}: member {member.name!r} is a link (links are refused: one could reach outside the "
-                        "model)"
-                    )
+                    raise _link_refused(url, member.name)
                 if relative is None or member.isdir():
                     (dest / (relative or ".")).mkdir(parents=True, exist_ok=True)
                 elif member.isfile():
@@ -300,10 +301,7 @@ def _unpack_zip(url: str, source: IO[bytes], dest: Path, fsync: bool) -> None:
             for info in sorted(archive.infolist(), key=lambda i: i.header_offset):  # in the order they lie
                 relative = _member_path(url, info.filename)
                 if stat.S_ISLNK(info.external_attr >> 16):
-                    raise InvalidModelError(
-                        f"{url}: member {info.filename!r} is a link (links are refused: one could reach outside the "
-                        "model)"
-                    )
+                    raise _link_refused(url, info.filename)
                 if relative is None or info.is_dir():
                     (dest / (relative or ".")).mkdir(parents=True, exist_ok=True)
                     continue

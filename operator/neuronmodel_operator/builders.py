@@ -273,7 +273,7 @@ def store_cleanup_job(model: Model, config: OperatorConfig, keep: list[str], rew
         "volumeMounts": [dict(STORE_MOUNT)],
         "securityContext": CONTAINER_SECURITY,
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "resources": CLEANUP_RESOURCES,
+        "resources": copy.deepcopy(CLEANUP_RESOURCES),  # the Job is the caller's to change, the default is not
     }
     name = cleanup_job_name(model.name, rewrite_id)
     job = _store_job(model, name, labels(model.name, CLEANUP_COMPONENT), [container], [])

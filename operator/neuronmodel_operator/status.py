@@ -73,10 +73,14 @@ def _container_statuses(pod: dict[str, Any]) -> list[dict[str, Any]]:
     return (pod.get("status") or {}).get("containerStatuses") or []  # the operator's pods have no init containers
 
 
+def _newest_first(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
+
+
 def _terminations(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The terminated states of the pods' containers, newest pod first."""
     states = []
-    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True):
+    for pod in _newest_first(pods):
         for status in _container_statuses(pod):
             terminated = (status.get("state") or {}).get("terminated")
             if terminated:
@@ -122,7 +126,7 @@ def failure_message(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
 def _evicted(pods: list[dict[str, Any]]) -> str:
     """The kubelet's words for a pod it stopped from outside (an eviction for node disk or memory pressure, or for
     going over its ephemeral-storage limit): its containers leave no message of their own then."""
-    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True):
+    for pod in _newest_first(pods):
         status = pod.get("status") or {}
         if status.get("reason") and status.get("message"):
             return f"pod {pod['metadata']['name']} {status['reason']}: {status['message'].strip()}"
