@@ -16,7 +16,8 @@ There is no container runtime here, so the agent does what a node must for the p
   would inject (AWS_ROLE_ARN, AWS_WEB_IDENTITY_TOKEN_FILE, the cluster's region ``NodeAgent.aws_region`` as
   AWS_REGION and AWS_DEFAULT_REGION), each pair only into a container that sets neither of its variables, as the
   webhook does; pointed at the endpoints in ``NodeAgent.aws_env``.
-- Graceful deletion: SIGTERM, the grace period, SIGKILL, then the pod object is removed, as a kubelet does.
+- Graceful deletion: SIGTERM, the grace period, SIGKILL, then the container's exit and the pod's terminal phase
+  are reported and the pod object is removed, as a kubelet does.
 
 Users and permissions are enforced, so that a pod fails here where it would fail on EKS (the agent needs root):
 
@@ -291,9 +292,13 @@ class PodRunner(threading.Thread):
             return
         while not self.stopping.is_set():
             code, message = self._run_container(container, mounts_by_volume, started)
-            if self.stopping.is_set():
-                return
             state = self._terminated(code, message, started)
+            if self.stopping.is_set():
+                # Deleted (an eviction, a drain): the kubelet reports the stopped container and the pod's terminal
+                # phase before it removes the pod, keeping the conditions others set (the apiserver's
+                # DisruptionTarget), which is what a Job's podFailurePolicy waits for and matches.
+                self._report_phase("Succeeded" if code == 0 else "Failed", started, {container.name: state})
+                return
             policy = spec.restart_policy or "Always"
             if code == 0 and policy != "Always":
                 self._report_phase("Succeeded", started, {container.name: state})
@@ -335,9 +340,50 @@ class PodRunner(threading.Thread):
             elif volume.downward_api:
                 items = volume.downward_api.items or []
                 out[volume.name] = self._write_files(volume.name, {i.path: self._field(i).encode() for i in items})
+            elif volume.projected:
+                out[volume.name] = self._write_files(volume.name, self._projected(volume.projected.sources or []))
             else:
-                out[volume.name] = self._fresh_dir(volume.name, 0o777)  # projected: present, empty
+                out[volume.name] = self._fresh_dir(volume.name, 0o777)
         return out
+
+    def _projected(self, sources: list[Any]) -> dict[str, bytes]:
+        """A projected volume's files, as the kubelet writes them: the service account token the kubelet requests for
+        the pod (bound to it, through the TokenRequest API: every pod's ``kube-api-access-*`` volume since Kubernetes
+        1.24, and IRSA's token), configMap and secret keys, downwardAPI fields."""
+        files: dict[str, bytes] = {}
+        ns = self.pod.metadata.namespace
+        for source in sources:
+            if source.service_account_token:
+                token = source.service_account_token
+                request = {
+                    "spec": {
+                        "audiences": [token.audience] if token.audience else None,
+                        "expirationSeconds": token.expiration_seconds or 3607,
+                        "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": self.pod.metadata.name,
+                                           "uid": self.pod.metadata.uid},
+                    }
+                }  # fmt: skip
+                account = self.pod.spec.service_account_name or "default"
+                issued = self.core.create_namespaced_service_account_token(account, ns, request)
+                files[token.path] = issued.status.token.encode()
+            elif source.config_map or source.secret:
+                ref = source.config_map or source.secret
+                read = self.core.read_namespaced_config_map if source.config_map else self.core.read_namespaced_secret
+                try:
+                    data = read(ref.name, ns).data or {}
+                except ApiException as exc:
+                    if exc.status != 404:
+                        raise
+                    if ref.optional:
+                        continue
+                    kind = "configmap" if source.config_map else "secret"
+                    raise VolumeNotReady(f'{kind} "{ref.name}" not found') from None
+                values = {k: v.encode() if source.config_map else base64.b64decode(v) for k, v in data.items()}
+                paths = {i.key: i.path for i in ref.items} if ref.items else {k: k for k in values}
+                files.update({path: values[key] for key, path in paths.items() if key in values})
+            elif source.downward_api:
+                files.update({i.path: self._field(i).encode() for i in source.downward_api.items or []})
+        return files
 
     def _field(self, item: Any) -> str:
         """A downwardAPI file's content, as the kubelet writes it (a whole map as sorted key="value" lines)."""
@@ -545,6 +591,8 @@ class PodRunner(threading.Thread):
         running = {name: {"running": {"startedAt": now()}}}
         self._report_phase("Pending" if init else "Running", started, running, init=init, ready=not init)
         code = self.process.wait()
+        if code < 0:  # killed by a signal: the runtime reports 128 + its number (143 for SIGTERM, 137 for SIGKILL)
+            code = 128 - code
         self.process = None
         # As the kubelet: the file's content (at most 4 KiB), else, by policy, the tail of a failed container's log.
         message = termination.read_bytes()[:TERMINATION_MESSAGE_MAX_BYTES].decode(errors="replace")
@@ -775,6 +823,7 @@ class NodeAgent:
         grace = pod.metadata.deletion_grace_period_seconds or 0
         if runner is not None:
             runner.stop(grace)
+            runner.join(MAX_GRACE_SECONDS)  # its final status first, as a kubelet's status manager
         try:
             core.delete_namespaced_pod(
                 pod.metadata.name,

@@ -1,31 +1,35 @@
 #!/usr/bin/env bash
-# Build Kubernetes v1.20.2 from Debian bookworm's source package for the local cluster the tests, the demo and the
-# benchmarks run on: the control plane (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl), the real
-# node (kubelet, kube-proxy, and the pause image's binary from build/pause/linux/pause.c) and the device plugin API
-# definition the simulated Neuron device plugin speaks. Installs etcd, containerd, runc, the CNI plugins, buildah
-# and mmdebstrap from Debian.
+# Build the Kubernetes the tests, the demo and the benchmarks run on, from the Go module proxy: the control plane
+# (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl), the real node (kubelet, kube-proxy), the etcd
+# this Kubernetes release names in its build/dependencies.yaml, containerd with its runc shim and ctr (Kubernetes
+# 1.36 needs containerd 2.2 or later; Debian bookworm has 1.6), the pause image's binary (build/pause/linux/pause.c)
+# and the device plugin API definition the simulated Neuron device plugin speaks. Installs runc, the CNI plugins,
+# buildah and mmdebstrap from Debian.
 #
-# Needs root on Debian bookworm (it installs packages). Everything is cached outside the work tree, so a warm
-# machine builds nothing:
-#   ${NEURON_OPERATOR_CACHE:-$HOME/.cache/neuron-model-operator}/kubernetes-v1.20.2-<key>/{bin,share}
-# The source tree and Go's build cache stay in build/ and go-build/ beside it at fixed paths, so a change of the
-# recipe rebuilds only what changed. With --print-bin-dir it only prints the bin directory (how localcluster finds
-# the binaries).
+# Needs root on Debian bookworm (it installs packages) and Go (see go.mod's `go` line of the release). Everything
+# is cached outside the work tree, so a warm machine builds nothing:
+#   ${NEURON_OPERATOR_CACHE:-$HOME/.cache/neuron-model-operator}/kubernetes-v<version>-<key>/{bin,share}
+# Go's module and build caches stay in go/ beside it, so a changed recipe rebuilds only what changed. With
+# --print-bin-dir it only prints the bin directory (how localcluster finds the binaries); with --print-version, the
+# Kubernetes version.
 set -euo pipefail
+
+# The one place the versions are named.
+KUBERNETES_VERSION=1.36.3
+CONTAINERD_VERSION=2.3.7
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache="${NEURON_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/neuron-model-operator}"
-binaries=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
-# The cache key covers what decides the outputs: the recipe below and the patch.
-recipe="kubernetes 1.20.2 debian-bookworm-source golang-1.19 CGO_ENABLED=0 ${binaries[*]} pause-gcc-static api.proto"
-key="$( (echo "$recipe"; cat "$here/reflect2-go118.patch") | sha256sum | cut -c1-12)"
-out="$cache/kubernetes-v1.20.2-$key"
-if [ "${1:-}" = "--print-bin-dir" ]; then
-  echo "$out/bin"
-  exit 0
-fi
-packages=(golang-1.19-go rsync make etcd-server dpkg-dev patch openssl gcc libc6-dev
-  containerd runc containernetworking-plugins iptables conntrack buildah mmdebstrap)
+binaries=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy
+  etcd containerd containerd-shim-runc-v2 ctr pause)
+# The cache key covers what decides the outputs: this recipe.
+key="$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-12)"
+out="$cache/kubernetes-v$KUBERNETES_VERSION-$key"
+case "${1:-}" in
+  --print-bin-dir) echo "$out/bin"; exit 0 ;;
+  --print-version) echo "v$KUBERNETES_VERSION"; exit 0 ;;
+esac
+packages=(runc containernetworking-plugins iptables conntrack buildah mmdebstrap gcc libc6-dev openssl)
 proto=share/deviceplugin-v1beta1-api.proto
 
 log() { printf '[kubernetes] %s\n' "$*" >&2; }
@@ -39,7 +43,7 @@ missing_packages() {
 
 built() {
   local b
-  for b in "${binaries[@]}" pause; do [ -x "$out/bin/$b" ] || return 1; done
+  for b in "${binaries[@]}"; do [ -x "$out/bin/$b" ] || return 1; done
   [ -f "$out/$proto" ]
 }
 
@@ -54,23 +58,11 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-if ! grep -rqs "deb-src" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-  log "adding a deb-src entry for bookworm main (apt-get source needs it)"
-  cat > /etc/apt/sources.list.d/neuron-operator-src.sources <<'SOURCES'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SOURCES
-  todo="${todo:-source-index}"
-fi
-
-if [ -n "$todo" ] || ! built; then
-  log "apt-get update; installing: ${todo:-nothing}"
+if [ -n "$todo" ]; then
+  log "apt-get update; installing: $todo"
   apt-get update -qq
   # shellcheck disable=SC2086
-  [ -z "$(missing_packages)" ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(missing_packages) >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $todo >/dev/null
 fi
 
 if built; then
@@ -78,50 +70,69 @@ if built; then
   exit 0
 fi
 
-# A fixed path: Go's cache keys include source paths, so a tree at the same place reuses every unchanged package.
+GO="$(command -v go || echo /usr/local/go/bin/go)"
+[ -x "$GO" ] || { log "no Go toolchain found (go on PATH or /usr/local/go/bin/go): install Go 1.26 or later"; exit 1; }
+export GOMODCACHE="$cache/go/mod" GOCACHE="$cache/go/build" GOFLAGS=-mod=mod CGO_ENABLED=0 GOTOOLCHAIN=local
 work="$cache/build"
-tree="$work/kubernetes"
-stamp="$tree/.neuron-operator-$key"
-if [ ! -f "$stamp" ]; then
-  rm -rf "$work"
-  mkdir -p "$work"
-  cd "$work"
-  log "fetching Debian's kubernetes source package into $work"
-  apt-get source -qq kubernetes 2>&1 | grep -v "unsandboxed" >&2 || true
-  src="$(find "$work" -maxdepth 1 -type d -name 'kubernetes-*' | head -n 1)"
-  [ -n "$src" ] || { log "apt-get source kubernetes produced no source tree"; exit 1; }
-  mv "$src" "$tree"
-  cd "$tree"
-  log "patching the vendored reflect2 for Go 1.18+ map iteration"
-  patch -p1 --forward --silent < "$here/reflect2-go118.patch"
-  # hack/lib/golang.sh points GOCACHE inside the tree; let ours (outside it, kept across builds) win.
-  sed -i 's|export GOCACHE="${KUBE_GOPATH}/cache"|export GOCACHE="${GOCACHE:-${KUBE_GOPATH}/cache}"|' hack/lib/golang.sh
-  grep -q 'GOCACHE="${GOCACHE:-' hack/lib/golang.sh || { log "could not redirect GOCACHE in hack/lib/golang.sh"; exit 1; }
-  touch "$stamp"
-fi
-cd "$tree"
-
-log "building ${binaries[*]} with Go 1.19 (about 10 minutes cold on 2 cores, seconds warm)"
-start=$(date +%s)
-env PATH="/usr/lib/go-1.19/bin:$PATH" CGO_ENABLED=0 GOCACHE="$cache/go-build" \
-  HOME="$work" make WHAT="${binaries[*]/#/cmd/}" >"$work/build.log" 2>&1 || {
-  tail -n 40 "$work/build.log" >&2
-  log "build failed; full log: $work/build.log"
-  exit 1
-}
-log "built in $(($(date +%s) - start)) s"
-
 staging="$out.tmp"
 rm -rf "$staging"
-mkdir -p "$staging/bin" "$staging/share"
-for b in "${binaries[@]}"; do cp "_output/bin/$b" "$staging/bin/"; done
+mkdir -p "$work" "$staging/bin" "$staging/share"
+
+# A build module per program: a release's go.mod maps its own sibling modules to local directories, which a
+# consuming module must restate as published versions (replace directives of a dependency are ignored).
+build_module() {  # name, required module@version, replace lines, link flags, then what to build into $staging/bin
+  local name=$1 require=$2 replaces=$3 ldflags=$4
+  shift 4
+  mkdir -p "$work/$name"
+  printf 'module neuron-operator/%s-build\n\ngo %s\n\nrequire %s\n\nreplace (\n%s\n)\n' \
+    "$name" "$("$GO" env GOVERSION | sed 's/^go//')" "${require/@/ }" "$replaces" >"$work/$name/go.mod"
+  log "building $name ($require): $*"
+  local start
+  start=$(date +%s)
+  (cd "$work/$name" && "$GO" build -ldflags="-s $ldflags" -o "$staging/bin/" "$@") >"$work/$name.log" 2>&1 || {
+    tail -n 40 "$work/$name.log" >&2
+    log "build of $name failed; full log: $work/$name.log"
+    exit 1
+  }
+  log "built $name in $(($(date +%s) - start)) s"
+}
+
+source_dir() {  # module@version -> its source in the module cache (downloaded if needed)
+  (cd "$work" && "$GO" mod download -json "$1" | sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')
+}
+
+k8s="k8s.io/kubernetes@v$KUBERNETES_VERSION"
+k8s_source="$(source_dir "$k8s")"
+staged="$(grep -oE '^\s*k8s\.io/[a-z0-9-]+ => \./staging' "$k8s_source/go.mod" | awk '{ print $1 }' | sort -u)"
+# The version the binaries report (/version, the node's kubeletVersion; Helm checks a chart's kubeVersion against it),
+# as the release's hack/lib/version.sh stamps it; a fixed date keeps the link reproducible.
+version_pkg=k8s.io/component-base/version
+minor="${KUBERNETES_VERSION#1.}"
+build_module kubernetes "$k8s" "$(for m in $staged; do printf '\t%s => %s v0.%s\n' "$m" "$m" "$minor"; done)" \
+  "-X $version_pkg.gitVersion=v$KUBERNETES_VERSION -X $version_pkg.gitMajor=1 -X $version_pkg.gitMinor=${minor%%.*} \
+   -X $version_pkg.gitTreeState=clean -X $version_pkg.buildDate=1970-01-01T00:00:00Z" \
+  k8s.io/kubernetes/cmd/{kube-apiserver,kube-controller-manager,kube-scheduler,kubectl,kubelet,kube-proxy}
+
+# The etcd this release is tested with; its server module maps the other etcd modules to directories too.
+etcd_version="$(awk '/- name: "etcd"/ { getline; print $2; exit }' "$k8s_source/build/dependencies.yaml")"
+[ -n "$etcd_version" ] || { log "no etcd version in $k8s_source/build/dependencies.yaml"; exit 1; }
+build_module etcd "go.etcd.io/etcd/server/v3@v$etcd_version" \
+  "$(for m in api/v3 client/pkg/v3 client/v3 pkg/v3; do printf '\tgo.etcd.io/etcd/%s => go.etcd.io/etcd/%s v%s\n' "$m" "$m" "$etcd_version"; done)" \
+  "" go.etcd.io/etcd/server/v3
+mv "$staging/bin/server" "$staging/bin/etcd"  # go build names it after the module path's last element but /v3
+
+# no_btrfs: the btrfs snapshotter needs cgo and its headers; the node uses overlayfs.
+build_module containerd "github.com/containerd/containerd/v2@v$CONTAINERD_VERSION" "" \
+  "-X github.com/containerd/containerd/v2/version.Version=v$CONTAINERD_VERSION" -tags no_btrfs \
+  github.com/containerd/containerd/v2/cmd/{containerd,containerd-shim-runc-v2,ctr}
+
 # The sandbox image's only binary; static, since the image holds nothing else.
-gcc -Os -static -o "$staging/bin/pause" -DVERSION=v1.20.2-local build/pause/linux/pause.c
-cp vendor/k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1/api.proto "$staging/$proto"
+gcc -Os -static -o "$staging/bin/pause" -DVERSION="v$KUBERNETES_VERSION-local" "$k8s_source/build/pause/linux/pause.c"
+cp "$(source_dir "k8s.io/kubelet@v0.${KUBERNETES_VERSION#1.}")/pkg/apis/deviceplugin/v1beta1/api.proto" "$staging/$proto"
+chmod -R u+w "$staging"
 rm -rf "$out"
 mv "$staging" "$out"
-for stale in "$cache"/kubernetes-v*; do  # outputs of an older recipe or patch
+for stale in "$cache"/kubernetes-v*; do  # outputs of an older recipe
   [ "$stale" = "$out" ] || rm -rf "$stale"
 done
-rm -rf "$tree/_output/local/go/bin" "$tree/_output/bin" "$tree/_output/local/bin"
-log "installed: $out"
+log "installed: $out (Kubernetes v$KUBERNETES_VERSION, etcd v$etcd_version, containerd v$CONTAINERD_VERSION)"

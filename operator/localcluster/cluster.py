@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
 import secrets
 import shutil
@@ -25,7 +26,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = HERE / "build-kubernetes.sh"
 SERVICE_CIDR = "10.96.0.0/16"  # reached only through a real node's kube-proxy rules, on this machine
-ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
 
 class ClusterError(RuntimeError):
@@ -33,7 +33,7 @@ class ClusterError(RuntimeError):
 
 
 KUBELET_CLIENT_CA = "kubelet-client-ca.crt"  # in the cluster's pki/: what a real kubelet trusts
-BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
 
 
 def cache_dir() -> Path:
@@ -44,10 +44,19 @@ def cache_dir() -> Path:
     return path
 
 
+def _build_script(flag: str) -> str:
+    return subprocess.run(["bash", str(BUILD_SCRIPT), flag], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def binaries_dir() -> Path:
-    """Where build-kubernetes.sh caches the binaries for the current recipe and patch."""
-    out = subprocess.run(["bash", str(BUILD_SCRIPT), "--print-bin-dir"], capture_output=True, text=True, check=True)
-    return Path(out.stdout.strip())
+    """Where build-kubernetes.sh caches the binaries for the current recipe."""
+    return Path(_build_script("--print-bin-dir"))
+
+
+@functools.cache
+def kubernetes_version() -> str:
+    """The Kubernetes release build-kubernetes.sh builds (``v1.36.3``): the one place its number is written."""
+    return _build_script("--print-version")
 
 
 def free_port() -> int:
@@ -115,8 +124,6 @@ class LocalCluster:
         missing = [b for b in BINARIES if not (bin_dir / b).exists()]
         if missing:
             raise ClusterError(f"{', '.join(missing)} not built in {bin_dir}: run `make kubernetes` (as root)")
-        if not Path(ETCD).exists():
-            raise ClusterError("etcd not installed: run `make kubernetes` (as root)")
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="localcluster-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -148,7 +155,7 @@ class LocalCluster:
         self.api_port = free_port()
         self._spawn(
             "etcd",
-            [ETCD, "--name=local", f"--data-dir={work / 'etcd'}",
+            [str(bin_dir / "etcd"), "--name=local", f"--data-dir={work / 'etcd'}",
              f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
              f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
              f"--listen-peer-urls=http://127.0.0.1:{etcd_peer}",
@@ -158,22 +165,22 @@ class LocalCluster:
         self._spawn(
             "kube-apiserver",
             [str(bin_dir / "kube-apiserver"), f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-             *bind, f"--secure-port={self.api_port}", "--insecure-port=0",
+             *bind, f"--secure-port={self.api_port}",
              f"--cert-dir={pki}", f"--token-auth-file={work / 'tokens.csv'}", "--authorization-mode=RBAC",
              f"--service-account-key-file={pki / 'sa.pub'}", f"--service-account-signing-key-file={pki / 'sa.key'}",
              "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-             f"--service-cluster-ip-range={SERVICE_CIDR}", "--feature-gates=TTLAfterFinished=true",
+             f"--service-cluster-ip-range={SERVICE_CIDR}",
              f"--audit-policy-file={_audit_policy(work)}", f"--audit-log-path={work / 'audit.log'}",
              "--profiling=false"],
         )  # fmt: skip
         self._wait_healthy(deadline)
         self._write_kubeconfig(pki / "apiserver.crt")
-        common = [f"--kubeconfig={self.kubeconfig}", "--leader-elect=false", "--bind-address=127.0.0.1", "--port=0"]
+        common = [f"--kubeconfig={self.kubeconfig}", "--leader-elect=false", "--bind-address=127.0.0.1"]
         self._spawn(
             "kube-controller-manager",
             [str(bin_dir / "kube-controller-manager"), *common, f"--secure-port={free_port()}",
              f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'apiserver.crt'}",
-             "--controllers=*,-nodeipam,-nodelifecycle", "--feature-gates=TTLAfterFinished=true"],
+             "--controllers=*,-node-ipam-controller,-node-lifecycle-controller"],
         )  # fmt: skip
         self._spawn("kube-scheduler", [str(bin_dir / "kube-scheduler"), *common, f"--secure-port={free_port()}"])
         self._wait_default_service_account(deadline)
@@ -215,16 +222,14 @@ class LocalCluster:
         )
 
     def _wait_default_service_account(self, deadline: float) -> None:
-        """Pods can only be created once the token controller has given the default service account a token."""
+        """Pods can only be created once the service account controller has made the default service account (its
+        token is requested by the kubelet for each pod, through the TokenRequest API)."""
         while True:
             self._check_alive()
-            out = self.kubectl("get", "serviceaccount", "default", "-o", "jsonpath={.secrets[0].name}", check=False)
-            if out.returncode == 0 and out.stdout.strip():
+            if self.kubectl("get", "serviceaccount", "default", check=False).returncode == 0:
                 return
             if time.monotonic() > deadline:
-                raise ClusterError(
-                    f"no token for the default service account:\n{self.log_tail('kube-controller-manager')}"
-                )
+                raise ClusterError(f"no default service account:\n{self.log_tail('kube-controller-manager')}")
             time.sleep(0.2)
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:

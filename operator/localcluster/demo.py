@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 from kubernetes import client
 
+from .cluster import kubernetes_version
 from .helm import install_operator
 from .images import ensure_images
 from .nodes import NEURON_TAINT
@@ -112,6 +113,7 @@ def run(timeout: float, stay: bool) -> int:
         say(started, "control plane up; simulated Neuron nodes and the real one:\n" + nodes)
         with sim.place_on_real_node() as node:
             say(started, f"pods go to the real node {node} from now on; helm install (the operator image as a pod)")
+            sim.restrict_pods(NAMESPACE)  # as on a shared cluster: Pod Security's restricted level
             install_operator(sim.kubeconfig, NAMESPACE, RELEASE, built["operator"].ref, built["rewrite"].ref)
             say(started, "generating a Neuron-shaped ResNet-50 stand-in (a real TensorFlow SavedModel with NeuronOps)")
             prepare_volumes(sim, work)
@@ -137,7 +139,8 @@ def run(timeout: float, stay: bool) -> int:
             rewrite_cli = Path(sys.executable).parent / "tf-neuron-auto-multicore"
             print(
                 "Explore it from another shell:\n"
-                f"  export KUBECONFIG={sim.kubeconfig} PATH={sim.cluster.bin_dir}:$PATH  # kubectl v1.20\n"
+                f"  export KUBECONFIG={sim.kubeconfig} PATH={sim.cluster.bin_dir}:$PATH"
+                f"  # kubectl {kubernetes_version()}\n"
                 f"  kubectl describe nm {MODEL}              # conditions and events\n"
                 f"  kubectl logs deploy/{MODEL}              # the TF Serving stand-in on the real node\n"
                 f"  kubectl scale nm/{MODEL} --replicas=2    # the scale subresource; the rewrite does not re-run\n"

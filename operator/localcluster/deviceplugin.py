@@ -6,8 +6,8 @@ kubelet's device plugin API v1beta1 over gRPC: it serves ``DevicePlugin`` on a s
 directory and registers it with the kubelet's ``Registration`` service on ``kubelet.sock`` there. A kubelet that
 starts deletes every plugin socket in that directory, so the plugin watches for that and serves and registers again.
 
-The Python stubs are generated at run time from the ``api.proto`` build-kubernetes.sh copies out of the Kubernetes
-source (without its gogoproto lines, which only tune Go code generation) into
+The Python stubs are generated at run time from the ``api.proto`` build-kubernetes.sh copies out of the
+``k8s.io/kubelet`` module of the release (without its gogoproto lines, which only tune Go code generation) into
 ``<cache>/deviceplugin-stubs-<hash>/``, outside the work tree, once per proto and grpcio-tools version.
 
     python -m localcluster.deviceplugin --cores 2 [--plugin-dir /var/lib/kubelet/device-plugins] [--resource NAME]
@@ -46,7 +46,6 @@ VISIBLE_CORES_ENV = "NEURON_RT_VISIBLE_CORES"
 DEVICE_PREFIX = "neuroncore-"
 HEALTHY = "Healthy"
 BUILT_PROTO = "deviceplugin-v1beta1-api.proto"  # in the build's share/ directory
-VENDORED_PROTO = "vendor/k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1/api.proto"
 STUB_MODULE = "deviceplugin_v1beta1"  # a distinctive top-level name for the generated modules
 GOGOPROTO_LINE = re.compile(r'^\s*(import\s+"github\.com/gogo/|option\s+\(gogoproto\.)')
 
@@ -58,15 +57,11 @@ class DevicePluginError(RuntimeError):
 
 
 def api_proto() -> Path:
-    """The API definition the build copied into share/, else the same file in the source tree the build extracts
-    within its first minutes (so the plugin works while the binaries are still compiling)."""
-    candidates = [binaries_dir().parent / "share" / BUILT_PROTO, cache_dir() / "build" / "kubernetes" / VENDORED_PROTO]
-    found = next((path for path in candidates if path.is_file()), None)
-    if found is None:
-        raise DevicePluginError(
-            f"no device plugin API definition at {' or '.join(map(str, candidates))}: run `make kubernetes` (as root)"
-        )
-    return found
+    """The API definition the build copied into share/."""
+    path = binaries_dir().parent / "share" / BUILT_PROTO
+    if not path.is_file():
+        raise DevicePluginError(f"no device plugin API definition at {path}: run `make kubernetes` (as root)")
+    return path
 
 
 @functools.cache
@@ -166,8 +161,8 @@ class _DevicePluginService:
     def Allocate(self, request: Any, context: grpc.ServicerContext) -> Any:
         responses = []
         for container in request.container_requests:
-            cores = visible_cores(self._core(d, context) for d in container.devicesIDs)
-            log.info("Allocate %s: %s=%s", ",".join(container.devicesIDs), VISIBLE_CORES_ENV, cores)
+            cores = visible_cores(self._core(d, context) for d in container.devices_ids)
+            log.info("Allocate %s: %s=%s", ",".join(container.devices_ids), VISIBLE_CORES_ENV, cores)
             responses.append(self.pb.ContainerAllocateResponse(envs={VISIBLE_CORES_ENV: cores}))
         return self.pb.AllocateResponse(container_responses=responses)
 

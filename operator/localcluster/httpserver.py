@@ -5,8 +5,10 @@ validator no longer matches), as RFC 9110 has them.
 
 Two switches make it behave as the less helpful servers do: ``ranges=False`` ignores ``Range`` and always sends the
 whole body (many static servers, Python's own ``http.server``), and ``fault(path, after, times)`` drops the
-connection after ``after`` bytes of a body, ``times`` times, for the tests of interrupted transfers. Every request
-is logged (``log``) so tests can read what was asked, and how.
+connection after ``after`` bytes of a body, ``times`` times, for the tests of interrupted transfers. A third,
+``hold(path)`` until ``release(path)``, keeps the bodies of ``path`` from leaving after their headers: a download
+in progress for as long as a test needs one (to disrupt its pod). Every request is logged (``log``) so tests can
+read what was asked, and how.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class ArchiveServer:
     root: Path
     ranges: bool = True
     faults: dict[str, list[int]] = field(default_factory=dict)  # path -> [after, times left]
+    holds: dict[str, threading.Event] = field(default_factory=dict)  # path -> set when released
     log: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     url: str = ""
@@ -38,6 +41,24 @@ class ArchiveServer:
     def fault(self, path: str, after: int, times: int) -> None:
         with self.lock:
             self.faults[path] = [after, times]
+
+    def hold(self, path: str) -> None:
+        with self.lock:
+            self.holds[path] = threading.Event()
+
+    def release(self, path: str) -> None:
+        """Let the held bodies of ``path`` go, and every later one."""
+        with self.lock:
+            held = self.holds.pop(path, None)
+        if held is not None:
+            held.set()
+
+    def wait_if_held(self, path: str) -> None:
+        with self.lock:
+            held = self.holds.get(path)
+        if held is not None:
+            self.record(f"held GET {path}")
+            held.wait()
 
     def take_fault(self, path: str, sent: int) -> int | None:
         """Where to break the body of ``path`` that is about to pass ``sent`` bytes, if a fault is due there: only a
@@ -112,6 +133,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True  # the client had what it wanted (a reader closes a GET it stops reading)
 
     def _send(self, path: Path, first: int, length: int) -> None:
+        self.state.wait_if_held(self.path)
         sent = 0
         with path.open("rb") as source:
             source.seek(first)
@@ -149,5 +171,7 @@ def serving(root: Path, *, ranges: bool = True, host: str = "127.0.0.1") -> Iter
     try:
         yield state
     finally:
+        for path in list(state.holds):  # no handler thread left waiting
+            state.release(path)
         server.shutdown()
         server.server_close()

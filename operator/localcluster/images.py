@@ -323,9 +323,7 @@ def ensure_images(names: Iterable[str] | None = None) -> dict[str, Image]:
     return {r.name: Image(r.name, r.ref, r.archive) for r in recipes}
 
 
-def import_images(
-    images: Iterable[Image], address: str, ctr: str = "ctr", aliases: dict[str, list[str]] | None = None
-) -> None:
+def import_images(images: Iterable[Image], address: str, ctr: str, aliases: dict[str, list[str]] | None = None) -> None:
     """Import into containerd's ``k8s.io`` namespace (the kubelet's) those not already there, e.g. in a kept root,
     and tag each under its ``aliases`` (``{ref: [other refs]}``) too.
 

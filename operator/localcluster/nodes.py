@@ -7,6 +7,8 @@ from typing import Any
 
 from neuronmodel_operator.instances import NEURONCORES_PER_NODE
 
+from .cluster import kubernetes_version
+
 NEURONCORE = "aws.amazon.com/neuroncore"
 NEURON_DEVICE = "aws.amazon.com/neuron"
 NEURON_TAINT = {"key": "aws.amazon.com/neuron", "value": "true", "effect": "NoSchedule"}
@@ -99,7 +101,7 @@ def node_status(instance_type: str, now: str) -> dict[str, Any]:
             "nodeInfo": {
                 "architecture": "amd64",
                 "operatingSystem": "linux",
-                "kubeletVersion": "v1.20.2-simulated",
+                "kubeletVersion": f"{kubernetes_version()}-simulated",
                 "containerRuntimeVersion": "localcluster://agent",
                 "kernelVersion": "",
                 "osImage": "simulated",

@@ -61,7 +61,7 @@ NODE_NAME = "real-inf2-24xlarge-0"
 INSTANCE_TYPE = "inf2.24xlarge"
 REAL_NODE_LABEL = "localcluster.neuron.dev/real-node"
 BRIDGE, GATEWAY, POD_SUBNET = "nmo0", "10.89.0.1", "10.89.0.0/24"
-PAUSE_IMAGE = "localhost/pause:v1.20.2-local"
+PAUSE_IMAGE = "localhost/pause:local"
 KUBELET_PORT = 10250
 NETNS_DIR = Path("/var/run/netns")
 NODE_USER, PROXY_USER = f"system:node:{NODE_NAME}", "system:kube-proxy"
@@ -139,30 +139,33 @@ def pause_archive(pause_binary: Path, out: Path) -> Path:
 
 
 def containerd_config(work: Path, root: Path) -> str:
-    cri = 'plugins."io.containerd.grpc.v1.cri"'
-    return f"""version = 2
+    """containerd 2's configuration (version 3) for this node: the local pause image, runc, the CNI bridge."""
+    cri_images, cri_runtime = "plugins.'io.containerd.cri.v1.images'", "plugins.'io.containerd.cri.v1.runtime'"
+    return f"""version = 3
 root = "{root}"
 state = "{work / "state"}"
 [grpc]
   address = "{work / "containerd.sock"}"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{root / "opt"}"
-[{cri}]
-  sandbox_image = "{PAUSE_IMAGE}"
+[{cri_images}]
+  snapshotter = "overlayfs"
+[{cri_images}.pinned_images]
+  sandbox = "{PAUSE_IMAGE}"
+[{cri_runtime}]
   # Root here lacks CAP_SYS_RESOURCE: without this every sandbox fails ("can't get final child's PID from pipe").
   restrict_oom_score_adj = true
-  stream_server_address = "127.0.0.1"
-[{cri}.containerd]
-  snapshotter = "overlayfs"
+[{cri_runtime}.containerd]
   default_runtime_name = "runc"
-[{cri}.containerd.runtimes.runc]
+[{cri_runtime}.containerd.runtimes.runc]
   runtime_type = "io.containerd.runc.v2"
-[{cri}.containerd.runtimes.runc.options]
+[{cri_runtime}.containerd.runtimes.runc.options]
   BinaryName = "/usr/bin/runc"
+  # The kubelet takes its cgroup driver from this (CRI RuntimeConfig): cgroupfs, as this host runs no systemd.
   SystemdCgroup = false
-[{cri}.cni]
-  bin_dir = "/usr/lib/cni"
+[{cri_runtime}.cni]
+  bin_dirs = ["/usr/lib/cni"]
   conf_dir = "{work / "cni"}"
+[plugins.'io.containerd.grpc.v1.cri']
+  stream_server_address = "127.0.0.1"
 """
 
 
@@ -205,7 +208,8 @@ def kubelet_config(client_ca: Path) -> str:
                 "x509": {"clientCAFile": str(client_ca)},
             },
             "authorization": {"mode": "AlwaysAllow"},
-            "cgroupDriver": "cgroupfs",
+            # These hosts mount cgroup v1 (the unified hierarchy is empty); kubelets from 1.35 refuse it unless told.
+            "failCgroupV1": False,
             "failSwapOn": False,
             "nodeStatusUpdateFrequency": "2s",
             "fileCheckFrequency": "5s",
@@ -250,8 +254,9 @@ class RealNode:
         """Check what the node needs, record the host, create the bridge; before the apiserver starts."""
         if os.geteuid() != 0:
             raise RealNodeError("the real node needs root (containerd, kubelet, iptables): run as root")
-        missing = [b for b in ("kubelet", "kube-proxy", "pause") if not (self.cluster.bin_dir / b).exists()]
-        missing += [t for t in ("containerd", "runc", "ctr", "iptables", "ip") if shutil.which(t) is None]
+        node_binaries = ("kubelet", "kube-proxy", "pause", "containerd", "containerd-shim-runc-v2", "ctr")
+        missing = [b for b in node_binaries if not (self.cluster.bin_dir / b).exists()]
+        missing += [t for t in ("runc", "iptables", "ip") if shutil.which(t) is None]
         missing += [p for p in ("/usr/lib/cni/bridge", "/usr/lib/cni/host-local") if not Path(p).exists()]
         if missing:
             raise RealNodeError(f"missing for the real node: {', '.join(missing)}: run `make kubernetes` as root")
@@ -279,19 +284,21 @@ class RealNode:
         (self.work / "cni" / "10-localcluster.conflist").write_text(json.dumps(cni_config(self.work / "ipam")))
         root = cache_dir() / "containerd"
         (self.work / "containerd.toml").write_text(containerd_config(self.work, root))
-        self._spawn("containerd", ["containerd", f"--config={self.work / 'containerd.toml'}"])
+        self._spawn(
+            "containerd", [str(self.cluster.bin_dir / "containerd"), f"--config={self.work / 'containerd.toml'}"]
+        )
         self._wait(lambda: self._ctr("version", check=False).returncode == 0, deadline, "containerd")
         self._forget_old_containers()
         pause = Image("pause", PAUSE_IMAGE, pause_archive(self.cluster.bin_dir / "pause", cache_dir() / "pause.tar"))
-        import_images([pause, *self.images], str(self.socket), aliases=self.aliases)
+        import_images([pause, *self.images], str(self.socket), ctr=self._ctr_path, aliases=self.aliases)
         deadline = time.monotonic() + timeout  # a cold import of the stand-in's TensorFlow takes most of a minute
         self._authorize()
         settings = self._write("kubelet.json", kubelet_config(self.cluster.pki / KUBELET_CLIENT_CA))
         self._spawn(
             "kubelet",
             [str(self.cluster.bin_dir / "kubelet"), f"--config={settings}",
-             f"--kubeconfig={self._kubeconfig('kubelet', NODE_USER)}", "--container-runtime=remote",
-             f"--container-runtime-endpoint=unix://{self.socket}", f"--pod-infra-container-image={PAUSE_IMAGE}",
+             f"--kubeconfig={self._kubeconfig('kubelet', NODE_USER)}",
+             f"--container-runtime-endpoint=unix://{self.socket}",
              f"--root-dir={self.work / 'kubelet'}", f"--cert-dir={self.work / 'kubelet-pki'}",
              f"--hostname-override={self.name}", f"--node-ip={GATEWAY}",
              f"--node-labels={INSTANCE_TYPE_LABEL}={self.instance_type},{REAL_NODE_LABEL}=true", "--v=1"],
@@ -358,7 +365,11 @@ class RealNode:
             time.sleep(0.2)
 
     def _ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return _run("ctr", f"--address={self.socket}", "-n", "k8s.io", *args, check=check)
+        return _run(self._ctr_path, f"--address={self.socket}", "-n", "k8s.io", *args, check=check)
+
+    @property
+    def _ctr_path(self) -> str:
+        return str(self.cluster.bin_dir / "ctr")
 
     def _forget_old_containers(self) -> None:
         """The kept containerd root still lists the containers of a run that did not stop cleanly."""

@@ -33,6 +33,13 @@ def example_serving_images() -> list[str]:
     return sorted(r for r in refs if r)
 
 
+# The namespace labels of Pod Security Admission's strictest level, at the apiserver's own (latest) policy version.
+RESTRICTED_PODS = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+}
+
+
 @dataclass
 class SimulatedCluster:
     """Start with ``start()`` or as a context manager; ``api`` is a ready kubernetes ApiClient."""
@@ -126,17 +133,23 @@ class SimulatedCluster:
             cordon([self.real_node.name], True)
             cordon(simulated, False)
 
-    def create_namespace(self, name: str, timeout: float = 30) -> str:
-        """A namespace whose default service account has its token, so pods can be created right away."""
+    def create_namespace(self, name: str, timeout: float = 30, labels: dict[str, str] | None = None) -> str:
+        """A namespace whose default service account exists, so pods can be created right away."""
         core = client.CoreV1Api(self.api)
-        core.create_namespace({"metadata": {"name": name}})
+        core.create_namespace({"metadata": {"name": name, "labels": labels or {}}})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             accounts = core.list_namespaced_service_account(name, field_selector="metadata.name=default").items
-            if accounts and accounts[0].secrets:
+            if accounts:
                 return name
             time.sleep(0.1)
-        raise TimeoutError(f"namespace {name}: the default service account got no token in {timeout} s")
+        raise TimeoutError(f"namespace {name}: no default service account in {timeout} s")
+
+    def restrict_pods(self, namespace: str) -> None:
+        """Pod Security Admission's ``restricted`` level on ``namespace``, as platform teams set on shared clusters:
+        the apiserver then refuses any pod that could run as root, escalate privileges, keep capabilities or run
+        without a seccomp profile."""
+        client.CoreV1Api(self.api).patch_namespace(namespace, {"metadata": {"labels": RESTRICTED_PODS}})
 
     def hostpath_volume(self, namespace: str, claim: str, path: Path, storage_class: str = "") -> str:
         """A PersistentVolume at ``path``, reserved for the claim ``namespace/claim``, as a static provisioner would

@@ -122,8 +122,10 @@ class HttpFile(io.RawIOBase):
             try:
                 response = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers), timeout=TIMEOUT)
             except urllib.error.HTTPError as exc:
-                if exc.code < 500 or attempt == ATTEMPTS - 1:  # a refusal (404, 403) is final; a 503 may pass
+                if exc.code < 500:  # a refusal (404, 403) is final
                     raise InvalidModelError(f"{self.url}: HTTP {exc.code} {exc.reason}") from None
+                if attempt == ATTEMPTS - 1:  # a 503 may pass: exit 1, which the Job may run again
+                    raise RewriteError(f"{self.url}: HTTP {exc.code} {exc.reason}") from None
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                 if attempt == ATTEMPTS - 1:
                     reason = getattr(exc, "reason", exc)

@@ -24,7 +24,7 @@ from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
-from .errors import InvalidModelError
+from .errors import InvalidModelError, RewriteError
 from .wire import FileReader
 
 PART = 8 << 20  # bytes per ranged GET when copying: as boto3's transfer manager
@@ -74,9 +74,13 @@ def open_s3(uri: str) -> S3Path:
         pages = list(client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix))
     except ClientError as exc:  # no such bucket, access denied: the service's own words
         error = exc.response.get("Error", {})
-        raise InvalidModelError(f"{uri}: {error.get('Code')}: {error.get('Message')}") from None
-    except BotoCoreError as exc:  # no credentials, no endpoint
-        raise InvalidModelError(f"{uri}: {exc}") from None
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        # A refusal is final; a server error (500, 503 SlowDown) that outlasted botocore's retries may pass: exit 1,
+        # which the Job may run again.
+        failure = RewriteError if status >= 500 else InvalidModelError
+        raise failure(f"{uri}: {error.get('Code')}: {error.get('Message')}") from None
+    except BotoCoreError as exc:  # no credentials yet, an endpoint not reachable: may pass, exit 1
+        raise RewriteError(f"{uri}: {exc}") from None
     for page in pages:
         for item in page.get("Contents", []):
             rel = item["Key"][len(prefix) :]

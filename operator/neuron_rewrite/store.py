@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import UsageError
 from .files import tree_bytes
 
 PROG = "neuron-store-clean"
@@ -85,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     bad = [k for k in args.keep if not REWRITE_ID.match(k)]
     if bad:
-        parser.exit(2, f"{PROG}: error: --keep {bad[0]!r} is not a rewrite ID (10 hexadecimal digits)\n")
+        parser.exit(
+            UsageError.exit_code, f"{PROG}: error: --keep {bad[0]!r} is not a rewrite ID (10 hexadecimal digits)\n"
+        )
     try:
         report = clean_store(args.directory, set(args.keep))
     except OSError as exc:

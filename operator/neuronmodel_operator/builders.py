@@ -6,7 +6,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from neuron_rewrite import FORMAT_VERSION
+from neuron_rewrite import FORMAT_VERSION, InvalidModelError, NotReplicableError, OutputError, UsageError
 
 from .config import OperatorConfig
 from .instances import cores_per_pod
@@ -71,6 +71,11 @@ CLEANUP_RESOURCES = {
 PROGRESS_MARGIN_SECONDS = 300
 CLEANUP_COMPONENT = "store-cleanup"  # the component label of the store clean-up Jobs
 DRAIN_SECONDS = 5  # how long a stopping serving pod keeps answering (preStop), well inside the 30 s grace period
+# The exit codes by which tf-neuron-auto-multicore refuses the model or its arguments (neuron_rewrite.errors;
+# archive and S3 refusals are InvalidModelError): running it again cannot help, so they fail the Job at once.
+# Exit code 1 (an I/O failure, a broken transfer) may pass, and counts against backoffLimit.
+REWRITE_REFUSALS = sorted(e.exit_code for e in (UsageError, InvalidModelError, NotReplicableError, OutputError))
+CLEANUP_REFUSALS = [UsageError.exit_code]  # neuron-store-clean's bad arguments; 1 is an I/O failure
 
 
 @dataclass(frozen=True)
@@ -225,17 +230,34 @@ def rewrite_job(model: Model, config: OperatorConfig) -> dict[str, Any]:
         "resources": _over(REWRITE_RESOURCES, rewrite.get("resources")),
     }
     pod_labels = labels(model.name, "rewrite") | {"serving.neuron.dev/rewrite": rewrite_id}
-    job = _store_job(model, job_name(model.name, rewrite_id), pod_labels, [container], volumes)
+    job = _store_job(model, job_name(model.name, rewrite_id), pod_labels, [container], volumes, REWRITE_REFUSALS)
     job["spec"]["backoffLimit"] = rewrite.get("backoffLimit", 2)
     job["spec"]["activeDeadlineSeconds"] = rewrite.get("activeDeadlineSeconds", 1800)
     return _with_hash(job)
 
 
+def _failure_policy(container: str, refusals: list[int]) -> dict[str, Any]:
+    """The Job fails at once when ``container`` exits with one of its ``refusals``; a pod stopped from outside
+    (eviction, node drain, preemption: the DisruptionTarget condition) is replaced without counting as a failure."""
+    return {
+        "rules": [
+            {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In", "values": refusals}},
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        ]
+    }
+
+
 def _store_job(
-    model: Model, name: str, pod_labels: dict[str, str], containers: list[dict], volumes: list[dict]
+    model: Model,
+    name: str,
+    pod_labels: dict[str, str],
+    containers: list[dict],
+    volumes: list[dict],
+    refusals: list[int],
 ) -> dict[str, Any]:
     """A Job that works on the store as the rewrite does: its user (the store's owner), placement and identity, and
-    the whole store claim (mounted by its containers as STORE_MOUNT) before ``volumes``."""
+    the whole store claim (mounted by its containers as STORE_MOUNT) before ``volumes``; it fails at once when its
+    one container exits with one of ``refusals``."""
     rewrite = model.rewrite
     store = {"name": "store", "persistentVolumeClaim": {"claimName": model.spec["store"]["claimName"]}}
     return {
@@ -243,6 +265,7 @@ def _store_job(
         "kind": "Job",
         "metadata": {"name": name, "namespace": model.namespace, "labels": pod_labels},
         "spec": {
+            "podFailurePolicy": _failure_policy(containers[0]["name"], refusals),
             "template": {
                 "metadata": {"labels": pod_labels},
                 "spec": {
@@ -276,7 +299,7 @@ def store_cleanup_job(model: Model, config: OperatorConfig, keep: list[str], rew
         "resources": copy.deepcopy(CLEANUP_RESOURCES),  # the Job is the caller's to change, the default is not
     }
     name = cleanup_job_name(model.name, rewrite_id)
-    job = _store_job(model, name, labels(model.name, CLEANUP_COMPONENT), [container], [])
+    job = _store_job(model, name, labels(model.name, CLEANUP_COMPONENT), [container], [], CLEANUP_REFUSALS)
     job["spec"] |= {"backoffLimit": 1, "activeDeadlineSeconds": 600}
     if rewrite_id is None:
         job["spec"]["ttlSecondsAfterFinished"] = 3600  # no model owns it: it goes by itself if the operator is away
@@ -403,9 +426,10 @@ def serving_deployment(model: Model, config: OperatorConfig, rewrite_id: str) ->
             {"tcpSocket": {"port": "grpc"}, "periodSeconds": 10, "failureThreshold": 6}, probes.get("liveness")
         ),
         # A terminating pod leaves the Service's endpoints, and then kube-proxy's rules, a moment after it is told to
-        # stop; TF Serving exits at SIGTERM, so requests routed in that moment would fail. The kubelet runs this
-        # before the SIGTERM.
-        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(DRAIN_SECONDS)]}}},
+        # stop; TF Serving exits at SIGTERM, so requests routed in that moment would fail. The kubelet waits this
+        # long before the SIGTERM: its own sleep action, so the image needs no sleep binary (the CRD's minimum grace
+        # period of 6 s keeps it valid, the apiserver refuses a sleep longer than the grace period).
+        "lifecycle": {"preStop": {"sleep": {"seconds": DRAIN_SECONDS}}},
         "volumeMounts": mounts,
         "securityContext": _over(CONTAINER_SECURITY, serving.get("securityContext")),
     }
@@ -495,7 +519,7 @@ def disruption_budget(model: Model, config: OperatorConfig) -> dict[str, Any] | 
         limit = {"maxUnavailable": budget.get("maxUnavailable", config.max_unavailable)}
     return _with_hash(
         {
-            "apiVersion": config.disruption_budget_api,
+            "apiVersion": "policy/v1",
             "kind": "PodDisruptionBudget",
             "metadata": _serving_metadata(model),
             "spec": {"selector": {"matchLabels": selector(model.name)}, **limit},

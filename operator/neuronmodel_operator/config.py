@@ -19,8 +19,6 @@ class OperatorConfig:
     # A PodDisruptionBudget for models of more than one replica, unless their spec says otherwise.
     disruption_budget: bool = True
     max_unavailable: int | str = 1
-    # policy/v1 where the apiserver serves it (1.21+), else policy/v1beta1: read from discovery at start.
-    disruption_budget_api: str = "policy/v1"
     service_monitors: bool = False  # the Prometheus operator's CRD is installed (read from discovery at start)
     metrics_port: int = 0  # where the operator's own metrics are served; 0: not served
 

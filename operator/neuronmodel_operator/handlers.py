@@ -58,14 +58,10 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any)
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()
     served = _wait_for_api_groups()
-    policy = served["policy"]
     stale = stale_crd_message()
     if stale is not None:
         raise kopf.TemporaryError(stale, delay=10)  # not ready (the chart's probe fails) until the CRD is applied
-    # The version Kopf watches too: the group's preferred one (v1 from Kubernetes 1.21, v1beta1 before).
-    _state["config"] = dataclasses.replace(
-        OperatorConfig.from_env(), disruption_budget_api=policy, service_monitors=MONITORING_GROUP in served
-    )
+    _state["config"] = dataclasses.replace(OperatorConfig.from_env(), service_monitors=MONITORING_GROUP in served)
     _state["peering"] = Peering.of(settings)
     if _state["config"].metrics_port and "metrics" not in _state:
         metrics.serve(_state["config"].metrics_port)
@@ -128,7 +124,7 @@ def configmaps_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: 
     return {_child_key(namespace, labels): slim(body)}
 
 
-@kopf.index("policy", "poddisruptionbudgets", labels=OWNED)  # the preferred version, as the operator writes
+@kopf.index("policy", "v1", "poddisruptionbudgets", labels=OWNED)
 def budgets_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
     return {_child_key(namespace, labels): slim(body)}
 

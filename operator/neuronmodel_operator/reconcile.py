@@ -198,8 +198,7 @@ class Api:
     def verbs(self, obj: dict[str, Any]) -> Verbs:
         if obj["kind"] in self._verbs:
             return self._verbs[obj["kind"]]
-        # A PodDisruptionBudget's version is the apiserver's (policy/v1 or v1beta1), a ServiceMonitor is a custom
-        # resource: both through the generic client.
+        # A PodDisruptionBudget and a ServiceMonitor (a custom resource) go through the generic client.
         group, version = obj["apiVersion"].split("/")
         custom, plural = self.custom, CUSTOM_PLURALS[obj["kind"]]
         return Verbs(

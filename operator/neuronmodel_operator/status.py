@@ -153,6 +153,15 @@ def _pod_problem(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
     return None
 
 
+def _pods_refused(deployment_status: dict[str, Any]) -> str | None:
+    """Why the ReplicaSet cannot create serving pods, in the refusing component's words (Pod Security admission, a
+    quota, a webhook): the Deployment carries the ReplicaSet's ReplicaFailure condition while the refusal lasts."""
+    for condition in deployment_status.get("conditions") or []:
+        if condition.get("type") == "ReplicaFailure" and condition.get("status") == "True":
+            return f"the serving pods cannot be created: {condition.get('message') or condition.get('reason')}"
+    return None
+
+
 def _rewrite_facts(
     previous: dict[str, Any], rewrite_id: str | None, outcome: str, pods: list[dict[str, Any]], now: str
 ) -> dict[str, Any]:
@@ -265,6 +274,7 @@ def compute_status(
         and served_id == rewrite_id
     )
     problem = _pod_problem(observed.serving_pods)
+    refused = _pods_refused(dep_status)
     progress_failed = any(
         c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded"
         for c in dep_status.get("conditions") or []
@@ -306,6 +316,9 @@ def compute_status(
             phase = "Degraded" if serving else "Failed"
         else:
             phase = "Pending" if rewrite["reason"] == "RewritePending" else "Rewriting"
+    elif refused is not None:
+        ready = _condition(READY, False, "PodsRefused", refused)
+        phase = "Degraded" if serving else "Failed"
     elif problem is not None:
         ready = _condition(READY, False, *problem)
         phase = "Degraded" if serving else ("Pending" if problem[0] == "Unschedulable" else "Failed")

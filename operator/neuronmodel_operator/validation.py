@@ -1,4 +1,9 @@
-"""Checks the apiserver cannot make (it enforces the CRD schema), each naming the field and what is expected."""
+"""Checks of a spec before the operator acts on it, each naming the field and what is expected.
+
+The CRD's CEL rules refuse several of these at apply (source kinds, the operator's names and paths, a nodeSelector's
+instance type too small); they stay here for models stored before those rules and for what CEL cannot read: numCores
+"auto", instance types pinned by node affinity.
+"""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from localcluster.cluster import free_port
+from localcluster.cluster import free_port, kubernetes_version
 from localcluster.helm import helm, helm_binary
 from localcluster.simcluster import SimulatedCluster
 from neuronmodel_operator.crd import CRD_NAME, DIGEST_ANNOTATION
@@ -102,8 +102,19 @@ def sets(values: dict[str, str]) -> list[str]:
     return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
 
+# Rendered for the release the suite runs on (helm's default is its own idea of a current release).
+TEMPLATE = ("template", "rel", str(CHART), "--kube-version", kubernetes_version())
+
+
+def test_the_chart_claims_only_the_tested_kubernetes() -> None:
+    tested = kubernetes_version().lstrip("v").split(".")
+    assert yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"] == f">={tested[0]}.{tested[1]}.0-0"
+    older = helm("template", "rel", str(CHART), "--kube-version", f"{tested[0]}.{int(tested[1]) - 1}.0", check=False)
+    assert older.returncode != 0 and "chart requires kubeVersion" in older.stderr, older.stderr
+
+
 def render(values: dict[str, str] | None = None, namespace: str = "ops") -> list[dict[str, Any]]:
-    out = helm("template", "rel", str(CHART), "-n", namespace, *sets(values or {}))
+    out = helm(*TEMPLATE, "-n", namespace, *sets(values or {}))
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
@@ -286,7 +297,7 @@ def test_values_reach_the_operator_as_the_settings_it_reads() -> None:
 
 
 def test_the_metrics_port_must_differ_from_the_health_port() -> None:
-    out = helm("template", "rel", str(CHART), *sets({"healthPort": "9090"}), check=False)
+    out = helm(*TEMPLATE, *sets({"healthPort": "9090"}), check=False)
     assert out.returncode != 0
     assert "metrics.port must differ from healthPort" in out.stderr, out.stderr
 
@@ -306,7 +317,7 @@ def test_the_metrics_port_must_differ_from_the_health_port() -> None:
     ],
 )
 def test_the_schema_refuses_a_bad_value_naming_it(values: dict[str, str], named: str) -> None:
-    out = helm("template", "rel", str(CHART), *sets(values), check=False)
+    out = helm(*TEMPLATE, *sets(values), check=False)
     assert out.returncode != 0
     assert "values don't meet the specifications of the schema" in out.stderr
     assert named in out.stderr, out.stderr
@@ -412,6 +423,7 @@ class Release:
 
 @pytest.fixture
 def release(cluster: SimulatedCluster, namespace: str, tmp_path: Path) -> Iterator[Release]:
+    cluster.restrict_pods(namespace)
     env = Env(cluster, namespace, tmp_path)  # volumes and helpers only: the chart's pod is the operator
     env.hostpath_claim("model-store", _helpers.make_store(tmp_path / "store"))
     installed = Release(cluster, env, f"nmo-{namespace[-8:]}", free_port())  # the pod shares the host's network

@@ -124,9 +124,9 @@ def test_registers_lists_and_allocates(api: tuple[ModuleType, ModuleType], plugi
             response = stub.Allocate(
                 messages.AllocateRequest(
                     container_requests=[
-                        messages.ContainerAllocateRequest(devicesIDs=["neuroncore-3", "neuroncore-2"]),
-                        messages.ContainerAllocateRequest(devicesIDs=["neuroncore-0", "neuroncore-2"]),
-                        messages.ContainerAllocateRequest(devicesIDs=["neuroncore-1"]),
+                        messages.ContainerAllocateRequest(devices_ids=["neuroncore-3", "neuroncore-2"]),
+                        messages.ContainerAllocateRequest(devices_ids=["neuroncore-0", "neuroncore-2"]),
+                        messages.ContainerAllocateRequest(devices_ids=["neuroncore-1"]),
                     ]
                 ),
                 timeout=TIMEOUT,
@@ -139,7 +139,7 @@ def test_registers_lists_and_allocates(api: tuple[ModuleType, ModuleType], plugi
             with pytest.raises(grpc.RpcError) as error:
                 stub.Allocate(
                     messages.AllocateRequest(
-                        container_requests=[messages.ContainerAllocateRequest(devicesIDs=["neuroncore-4"])]
+                        container_requests=[messages.ContainerAllocateRequest(devices_ids=["neuroncore-4"])]
                     ),
                     timeout=TIMEOUT,
                 )
@@ -158,7 +158,7 @@ def test_registers_lists_and_allocates(api: tuple[ModuleType, ModuleType], plugi
                 timeout=TIMEOUT,
             )
             assert list(preferred.container_responses[0].deviceIDs) == ["neuroncore-2", "neuroncore-0"]
-            stub.PreStartContainer(messages.PreStartContainerRequest(devicesIDs=["neuroncore-0"]), timeout=TIMEOUT)
+            stub.PreStartContainer(messages.PreStartContainerRequest(devices_ids=["neuroncore-0"]), timeout=TIMEOUT)
     assert not plugin.socket.exists()
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from localcluster.cluster import cache_dir
+from localcluster.cluster import binaries_dir, cache_dir
 from localcluster.images import Image, ImageError, available, context_files, ensure_images, import_images, recipe, run
 
 # What each image must run (exit 0) as uid 65532 on a read-only root.
@@ -42,14 +42,15 @@ def containerd(images: dict[str, Image], tmp_path_factory: pytest.TempPathFactor
     root = cache_dir() / "test-images-containerd"
     socket = work / "containerd.sock"
     (work / "config.toml").write_text(
-        f'version = 2\nroot = "{root}"\nstate = "{work / "state"}"\n'
+        f'version = 3\nroot = "{root}"\nstate = "{work / "state"}"\n'
         'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
         f'[grpc]\n  address = "{socket}"\n'
-        f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{root / "opt"}"\n'
     )
     with (work / "containerd.log").open("wb") as log:
         proc = subprocess.Popen(
-            ["containerd", f"--config={work / 'config.toml'}"], stdout=log, stderr=subprocess.STDOUT
+            [str(binaries_dir() / "containerd"), f"--config={work / 'config.toml'}"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     try:
         deadline = time.monotonic() + 30
@@ -57,7 +58,7 @@ def containerd(images: dict[str, Image], tmp_path_factory: pytest.TempPathFactor
             assert proc.poll() is None, f"containerd exited:\n{(work / 'containerd.log').read_text()[-3000:]}"
             assert time.monotonic() < deadline, "containerd not serving after 30 s"
             time.sleep(0.2)
-        import_images(images.values(), str(socket))
+        import_images(images.values(), str(socket), ctr=str(binaries_dir() / "ctr"))
         yield str(socket)
     finally:
         proc.terminate()
@@ -66,7 +67,10 @@ def containerd(images: dict[str, Image], tmp_path_factory: pytest.TempPathFactor
 
 def ctr(address: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["ctr", f"--address={address}", "--namespace=k8s.io", *args], capture_output=True, text=True, timeout=120
+        [str(binaries_dir() / "ctr"), f"--address={address}", "--namespace=k8s.io", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -95,7 +99,7 @@ def test_import_skips_images_already_present(
     listed = ctr(containerd, "images", "ls", "-q").stdout.split()
     assert {image.ref for image in images.values()} <= set(listed)
     capsys.readouterr()
-    import_images(images.values(), containerd)
+    import_images(images.values(), containerd, ctr=str(binaries_dir() / "ctr"))
     assert "imported" not in capsys.readouterr().err
 
 

@@ -68,7 +68,7 @@ def test_node_manifest_for_every_instance_type() -> None:
 
 
 def test_objects_with_maps_round_trip(cluster: SimulatedCluster, namespace: str) -> None:
-    """The reflect2 fix: without it the apiserver crashes serialising any map (labels, ConfigMap data)."""
+    """Maps (labels, ConfigMap data) stored and read back, and selected by label."""
     core = client.CoreV1Api(cluster.api)
     data = {f"key-{i}": f"value-{i}" for i in range(50)}
     labels = {"app": "x", "tier": "y", "neuron": "true"}
@@ -418,6 +418,36 @@ def test_graceful_deletion_terminates_then_removes_the_pod(
 
     wait_for(gone, timeout=30, what="pod removed")
     assert marker.read_text() == "TERM\n"
+
+
+def test_an_evicted_pod_is_reported_failed_with_its_exit_and_disruption_before_it_goes(
+    cluster: SimulatedCluster, namespace: str
+) -> None:
+    """As a kubelet: the stopped container's exit (128 + SIGTERM) and the pod's terminal phase, with the condition
+    the apiserver set on eviction kept: what a Job's pod failure policy waits for and matches. A finalizer (as the
+    Job controller's) keeps the pod to be read."""
+    core = client.CoreV1Api(cluster.api)
+    body = pod("evicted", ["sh", "-c", "while true; do sleep 0.1; done"])
+    body["metadata"]["finalizers"] = ["test.neuron.dev/keep"]
+    core.create_namespaced_pod(namespace, body)
+    wait_for(lambda: core.read_namespaced_pod("evicted", namespace).status.phase == "Running", what="running")
+    eviction = client.V1Eviction(metadata=client.V1ObjectMeta(name="evicted", namespace=namespace))
+    core.create_namespaced_pod_eviction("evicted", namespace, eviction)
+
+    def terminal() -> Any:
+        got = core.read_namespaced_pod("evicted", namespace)
+        return got if got.status.phase in ("Succeeded", "Failed") else None
+
+    stopped = wait_for(terminal, timeout=30, what="the pod's terminal phase")
+    assert stopped.status.phase == "Failed"
+    assert stopped.status.container_statuses[0].state.terminated.exit_code == 143
+    disruption = next(c for c in stopped.status.conditions if c.type == "DisruptionTarget")
+    assert (disruption.status, disruption.reason) == ("True", "EvictionByEvictionAPI")
+    core.patch_namespaced_pod("evicted", namespace, {"metadata": {"finalizers": None}})
+    wait_for(
+        lambda: not core.list_namespaced_pod(namespace, field_selector="metadata.name=evicted").items,
+        what="pod removed",
+    )
 
 
 def test_teardown_leaves_no_process_behind() -> None:

@@ -213,6 +213,7 @@ def local_s3(cluster: SimulatedCluster, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture
 def env(cluster: SimulatedCluster, crd: None, namespace: str, tmp_path: Path) -> Iterator[Env]:
+    cluster.restrict_pods(namespace)  # the operator's pods pass Pod Security's restricted level
     environment = Env(cluster, namespace, tmp_path)
     environment.hostpath_claim("model-store", make_store(tmp_path / "store"))
     environment.start_operator()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from unit_helpers import DNS1123_LABEL, NAMESPACE, REWRITE_IMAGE, SERVING_IMAGE, make_model, make_spec
 
+from neuron_rewrite import InvalidModelError, OutputError, RewriteError, UsageError, cli, store
 from neuronmodel_operator import builders
 from neuronmodel_operator.builders import (
     NEURONCORE,
@@ -172,6 +175,61 @@ def test_rewrite_job_honours_backoff_and_deadline() -> None:
     assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] == 60
 
 
+def failure_rules(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {rule["action"]: rule for rule in job["spec"]["podFailurePolicy"]["rules"]}
+
+
+def test_a_refusal_fails_the_rewrite_job_at_once_and_a_disruption_is_not_a_failure() -> None:
+    job = rewrite_job(make_model(), CONFIG)
+    assert [rule["action"] for rule in job["spec"]["podFailurePolicy"]["rules"]] == ["FailJob", "Ignore"]
+    rules = failure_rules(job)
+    # The codes of UsageError, InvalidModelError (archive and S3 refusals too), NotReplicableError, OutputError.
+    assert rules["FailJob"]["onExitCodes"] == {"containerName": "rewrite", "operator": "In", "values": [2, 3, 4, 5]}
+    assert rules["Ignore"]["onPodConditions"] == [{"type": "DisruptionTarget"}]
+    assert pod_spec(job)["restartPolicy"] == "Never"  # what the API requires of a Job with a podFailurePolicy
+
+
+# tf-neuron-auto-multicore's arguments (given a directory ``model`` holding no model), the error it refuses with.
+REFUSALS: dict[str, tuple[Callable[[Path], list[str]], type[RewriteError]]] = {
+    "not a SavedModel": (
+        lambda model: [str(model), "--num_cores", "2", "--new_model_dir", f"{model}.out"],
+        InvalidModelError,
+    ),
+    "bad arguments": (lambda model: [str(model), "--num_cores", "0", "--new_model_dir", f"{model}.out"], UsageError),
+    "output exists": (
+        lambda model: [str(model), "--num_cores", "2", "--new_model_dir", str(model.parent)],
+        OutputError,
+    ),
+}
+
+
+@pytest.mark.parametrize("refusal", REFUSALS)
+def test_the_codes_the_rewrite_refuses_with_are_those_that_fail_the_job(
+    refusal: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv, error = REFUSALS[refusal]
+    (tmp_path / "model").mkdir()
+    code = cli.main(argv(tmp_path / "model"))
+    assert code == error.exit_code, capsys.readouterr().err
+    assert code in failure_rules(rewrite_job(make_model(), CONFIG))["FailJob"]["onExitCodes"]["values"]
+
+
+def test_an_io_failure_of_the_rewrite_is_retried_by_the_job() -> None:
+    values = failure_rules(rewrite_job(make_model(), CONFIG))["FailJob"]["onExitCodes"]["values"]
+    assert RewriteError.exit_code not in values
+
+
+def test_the_cleanup_job_fails_at_once_on_bad_arguments_and_ignores_disruptions(tmp_path: Path) -> None:
+    job = builders.store_cleanup_job(make_model(), CONFIG, ["a1b2c3d4e5"], "a1b2c3d4e5")
+    rules = failure_rules(job)
+    assert rules["FailJob"]["onExitCodes"] == {"containerName": "clean", "operator": "In", "values": [2]}
+    assert rules["Ignore"]["onPodConditions"] == [{"type": "DisruptionTarget"}]
+    with pytest.raises(SystemExit) as refused:
+        store.main([str(tmp_path), "--keep", "not-an-id"])
+    assert refused.value.code in rules["FailJob"]["onExitCodes"]["values"]
+    assert 1 not in rules["FailJob"]["onExitCodes"]["values"]  # an I/O failure (store.main's OSError) may pass
+
+
 # The rewrite id
 
 
@@ -283,7 +341,8 @@ def test_deployment_probes() -> None:
 
 def test_a_stopping_serving_pod_keeps_answering_until_kube_proxy_has_dropped_it() -> None:
     server = container(deployment(make_model()), "tfserving")
-    assert server["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "5"]}}
+    # The kubelet's own sleep: no sleep binary needed in the serving image.
+    assert server["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
 
 
 def test_deployment_startup_probe_follows_the_startup_timeout() -> None:

@@ -177,6 +177,10 @@ def test_serving_pods_run_as_the_spec_says_and_root_needs_saying_so(env: Env, mo
     assert ready["message"].startswith("spec.serving.podSecurityContext.runAsUser is 0 (root)"), ready
     assert not env.jobs()
 
+    # Root pods need a namespace whose Pod Security level admits them (baseline does; restricted refuses them, see
+    # test_status_truth), as AWS's TF Serving images, which run as root, do on EKS.
+    baseline = {"pod-security.kubernetes.io/enforce": "baseline"}
+    env.core.patch_namespace(env.namespace, {"metadata": {"labels": baseline}})
     manifest["spec"]["serving"]["podSecurityContext"] = {**dlc, "runAsNonRoot": False}
     manifest["spec"]["serving"]["securityContext"] = {"readOnlyRootFilesystem": False}
     assert env.apply(manifest).returncode == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import tarfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -21,13 +22,16 @@ from faults import (
     assert_converged,
     children,
     copy_model,
+    describe,
     live,
     orphans,
     restart,
     wait_until_none,
 )
+from test_platform import evict
 
 from conftest import GROUP, PLURAL, VERSION, Env, neuron_model, serving_pods, wait_for
+from localcluster.httpserver import serving
 from neuronmodel_operator.naming import MODEL_LABEL, model_label
 from synthetic_models import tree_digest
 
@@ -108,9 +112,10 @@ def test_corrupt_model_fails_with_bounded_backed_off_retries_naming_the_file(env
     rewrite = env.condition("corrupt", "RewriteSucceeded")
     assert rewrite["reason"] == "RewriteFailed" and env.condition("corrupt", "Ready")["reason"] == "RewriteFailed"
     assert "saved_model.pb: corrupt or truncated protobuf" in rewrite["message"], rewrite
-    # The Job tries once and backoffLimit (1) more times; the operator re-runs it 30 s later, then 60 s later.
+    # A refusal fails the Job at once (its pod failure policy), whatever its backoffLimit; the operator re-runs it
+    # 30 s later, then 60 s later.
     (job,) = env.jobs()
-    assert job.status.failed == 2 and len(rewrite_pods(env, job.metadata.name)) == 2
+    assert job.status.failed == 1 and len(rewrite_pods(env, job.metadata.name)) == 1
     retry_at = next_retry(rewrite["message"], 1)
     assert retry_at - failed_at(job) == timedelta(seconds=30)
     wait_for(lambda: [j.metadata.uid for j in env.jobs()] not in ([job.metadata.uid], []), 120, "the retry's Job")
@@ -123,6 +128,43 @@ def test_corrupt_model_fails_with_bounded_backed_off_retries_naming_the_file(env
     assert not env.apps.list_namespaced_deployment(env.namespace).items
     assert_nothing_published(env, status)
     assert tree_digest(source) == before, "the source is only read"
+
+
+def test_an_evicted_rewrite_pod_is_replaced_without_counting_against_the_backoff_limit(
+    env: Env, models: dict[str, Path]
+) -> None:
+    """A drain (or Karpenter's consolidation) evicts the rewrite's pod mid-download: the apiserver marks it
+    DisruptionTarget, the node stops it, and the Job's pod failure policy replaces it without counting a failure,
+    so even with backoffLimit 0 the rewrite completes."""
+    (env.tmp / "www").mkdir()
+    with serving(env.tmp / "www") as www:
+        with tarfile.open(www.root / "resnet50.tar.gz", "w:gz") as tar:
+            tar.add(models["resnet50"], arcname="resnet50")
+        www.hold("/resnet50.tar.gz")  # the download stays in progress until released
+        manifest = neuron_model("evicted", "unused", cores=1, rewrite={"backoffLimit": 0})
+        manifest["spec"]["source"] = {"http": {"url": f"{www.url}/resnet50.tar.gz"}}
+        assert env.apply(manifest).returncode == 0
+        wait_for(lambda: "held GET /resnet50.tar.gz" in www.log, what="the rewrite downloading")
+        (job,) = env.jobs()
+        (first,) = rewrite_pods(env, job.metadata.name)
+        accepted, words = evict(env, first.metadata.name, "policy/v1")
+        assert accepted, words
+
+        def replaced_or_failed() -> str | None:
+            if env.batch.read_namespaced_job(job.metadata.name, env.namespace).status.failed:
+                return "the Job counted the evicted pod as a failure"
+            pods = rewrite_pods(env, job.metadata.name)
+            return "replaced" if any(p.metadata.uid != first.metadata.uid for p in pods) else None
+
+        outcome = wait_for(replaced_or_failed, what="a new rewrite pod, or the Job failed")
+        assert outcome == "replaced", describe(env, "evicted")
+        www.release("/resnet50.tar.gz")
+        status = env.wait_phase("evicted", "Ready", timeout=180)
+
+    (done,) = env.jobs()
+    assert done.metadata.uid == job.metadata.uid and not status["rewrite"].get("retries"), "the operator re-ran it"
+    assert done.status.succeeded == 1 and not done.status.failed, describe(env, "evicted")
+    assert first.metadata.uid not in {p.metadata.uid for p in rewrite_pods(env, job.metadata.name)}
 
 
 def test_missing_source_fails_naming_the_path_then_recovers_when_the_spec_is_fixed(

@@ -139,10 +139,16 @@ def test_pods_that_cannot_schedule_report_the_schedulers_reason(env: Env, models
 
 
 def test_instance_type_too_small_is_refused_before_any_pod(env: Env, models: dict[str, Path]) -> None:
+    # Pinned by required node affinity, which the CRD's rules cannot read (a nodeSelector pin is refused at apply:
+    # test_crd_rules): the operator refuses it.
     env.hostpath_claim("compiled", models["resnet50"])
-    manifest = neuron_model(
-        "small", "compiled", cores=4, nodeSelector={"node.kubernetes.io/instance-type": "inf2.xlarge"}
-    )
+    pin = {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["inf2.xlarge"]}
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [pin]}]}
+        }
+    }
+    manifest = neuron_model("small", "compiled", cores=4, affinity=affinity)
     assert env.apply(manifest).returncode == 0
     env.wait_phase("small", "Failed")
     ready = env.condition("small", "Ready")
@@ -200,7 +206,7 @@ def test_operator_killed_during_the_rewrite_resumes_without_duplicating_it(env: 
             {"serving": {"image": "tfs", "topologySpreadConstraints": [{"maxSkew": 1, "whenUnsatisfiable": "Never"}]}},
             "spec.serving.topologySpreadConstraints",
         ),
-        ({"serving": {"image": "tfs", "sidecars": [{"name": "logs"}]}}, "spec.serving.sidecars.image"),
+        ({"serving": {"image": "tfs", "sidecars": [{"name": "logs"}]}}, "spec.serving.sidecars[0].image"),
         ({"serving": {"image": "tfs", "probes": {"readiness": {"periodSeconds": 0}}}}, "spec.serving.probes"),
     ],
 )

@@ -54,7 +54,7 @@ def test_the_budget_lets_a_drain_evict_one_serving_pod_at_a_time(env: Env, model
     env.wait_phase("spread", "Ready")
 
     policy = policy_version(env)
-    assert policy == "policy/v1beta1"  # Kubernetes 1.20 here; the builder's policy/v1 output is unit-tested
+    assert policy == "policy/v1"
     made = wait_for(lambda: budget(env, "spread"), what="the PodDisruptionBudget")
     assert made["apiVersion"] == policy and made["spec"]["maxUnavailable"] == 1
     assert [ref["name"] for ref in made["metadata"]["ownerReferences"]] == ["spread"]
@@ -90,7 +90,7 @@ def test_an_hpa_scales_the_model_through_its_scale_subresource_without_a_rewrite
     assert budget(env, "autoscaled") is None  # one replica: no budget
 
     hpa = {
-        "apiVersion": "autoscaling/v2beta2",
+        "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
         "metadata": {"name": "autoscaled"},
         "spec": {

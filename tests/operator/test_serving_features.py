@@ -183,12 +183,10 @@ def test_metrics_path_and_off_switch() -> None:
 # PodDisruptionBudget
 
 
-@pytest.mark.parametrize("api_version", ["policy/v1", "policy/v1beta1"])
-def test_a_budget_of_one_unavailable_by_default_for_more_than_one_replica(api_version: str) -> None:
-    config = dataclasses.replace(CONFIG, disruption_budget_api=api_version)
-    budget = disruption_budget(make_model(replicas=3), config)
+def test_a_budget_of_one_unavailable_by_default_for_more_than_one_replica() -> None:
+    budget = disruption_budget(make_model(replicas=3), CONFIG)
     assert budget is not None
-    assert (budget["apiVersion"], budget["kind"]) == (api_version, "PodDisruptionBudget")
+    assert (budget["apiVersion"], budget["kind"]) == ("policy/v1", "PodDisruptionBudget")
     assert budget["metadata"]["name"] == "resnet50"
     assert budget["spec"] == {"selector": {"matchLabels": selector("resnet50")}, "maxUnavailable": 1}
 

@@ -144,6 +144,27 @@ def test_a_failed_rewrite_without_pods_uses_the_job_message() -> None:
     assert "DeadlineExceeded" in message and "active longer than specified deadline" in message
 
 
+def test_a_rewrite_job_failed_by_its_pod_failure_policy_tells_the_rewrites_line() -> None:
+    """A refusal fails the Job at once (reason PodFailurePolicy): the rewrite's line, as after BackoffLimitExceeded,
+    not the Job controller's words; an earlier pod stopped by an eviction does not hide it."""
+    model = make_model()
+    name = job_name(model.name, model.rewrite_id())
+    refused = "tf-neuron-auto-multicore: error: /source: not a SavedModel (no saved_model.pb)"
+    pods = [
+        job_pod(name, "aaaaa", "2025-05-01T10:00:05Z", "", exit_code=143),  # evicted: DisruptionTarget, ignored
+        job_pod(name, "bbbbb", "2025-05-01T10:02:00Z", refused, exit_code=3),
+    ]
+    words = (
+        f"Container rewrite for pod {NAMESPACE}/{name}-bbbbb failed with exit code 3 matching FailJob rule at index 0"
+    )
+    job = job_body(name, "Failed", reason="PodFailurePolicy", message=words)
+    status = status_of(model, Observed(job=job, job_pods=pods))
+    assert status["phase"] == "Failed"
+    ready = conditions(status)["Ready"]
+    assert ready["reason"] == "RewriteFailed"
+    assert ready["message"] == f"rewrite Job {name} failed (PodFailurePolicy): {refused}", ready
+
+
 def test_an_evicted_rewrite_pod_is_reported_in_the_kubelets_words() -> None:
     """An eviction (here for the ephemeral-storage limit) leaves no termination message: the pod's own reason and
     message say why, not only the Job's BackoffLimitExceeded."""
@@ -330,6 +351,27 @@ def test_progress_deadline_exceeded() -> None:
     status = status_of(model, Observed(job=complete_job(model), deployment=dep))
     assert status["phase"] == "Failed"
     assert conditions(status)["Ready"]["reason"] == "ProgressDeadlineExceeded"
+
+
+def test_pods_the_api_refuses_to_create_are_told_in_its_words() -> None:
+    model = make_model(replicas=2)
+    words = (
+        'pods "resnet50-7d4b9c-" is forbidden: violates PodSecurity "restricted:latest": runAsNonRoot != true '
+        "(pod must not set securityContext.runAsNonRoot=false)"
+    )
+    refused = [{"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": words}]
+    none = deployment_body(model.rewrite_id(), desired=2, replicas=0, ready=0, updated=0, available=0,
+                           extra_conditions=refused)  # fmt: skip
+    status = status_of(model, Observed(job=complete_job(model), deployment=none))
+    assert status["phase"] == "Failed"
+    assert conditions(status)["Ready"]["reason"] == "PodsRefused"
+    assert conditions(status)["Ready"]["message"] == f"the serving pods cannot be created: {words}"
+    # One of two admitted (a quota with room for one): that one serves, the refusal is named.
+    one = deployment_body(model.rewrite_id(), desired=2, replicas=1, ready=1, updated=1, available=1,
+                          extra_conditions=refused)  # fmt: skip
+    status = status_of(model, Observed(job=complete_job(model), deployment=one))
+    assert status["phase"] == "Degraded" and conditions(status)["Ready"]["reason"] == "PodsRefused"
+    assert conditions(status)["Available"]["status"] == "True"
 
 
 def test_last_transition_time_kept_while_unchanged_and_moved_when_it_flips() -> None:

@@ -69,6 +69,25 @@ def test_a_quota_that_refuses_the_service_is_told_and_retried_until_lifted(env: 
     assert status["endpoints"]["rest"].startswith(f"http://quota.{env.namespace}.svc:8501")
 
 
+def test_serving_pods_pod_security_refuses_are_told_in_the_apiservers_words_then_recover(
+    env: Env, models: dict[str, Path]
+) -> None:
+    """The test namespaces enforce Pod Security's restricted level: a spec asking to run as root passes the operator
+    (runAsNonRoot is explicitly off) but its pods are refused by the apiserver, which the ReplicaSet reports."""
+    env.hostpath_claim("compiled", models["resnet50"])
+    image = "public.ecr.aws/neuron/tensorflow-inference-neuronx:test"
+    as_root = {"image": image, "podSecurityContext": {"runAsNonRoot": False, "runAsUser": 0}}
+    assert env.apply(neuron_model("rooted", "compiled", serving=as_root)).returncode == 0
+    condition = ready(env, "rooted", "PodsRefused")
+    assert condition["message"].startswith("the serving pods cannot be created: pods "), condition
+    assert 'is forbidden: violates PodSecurity "restricted:latest"' in condition["message"], condition
+    assert "runAsNonRoot != true" in condition["message"], condition
+    assert env.status("rooted")["phase"] == "Failed"
+
+    assert env.apply(neuron_model("rooted", "compiled", serving={"image": image})).returncode == 0
+    env.wait_phase("rooted", "Ready")
+
+
 def test_a_hand_made_service_with_the_models_name_is_never_adopted(env: Env, models: dict[str, Path]) -> None:
     env.hostpath_claim("compiled", models["resnet50"])
     legacy = {

@@ -34,7 +34,7 @@ from localcluster.httpserver import serving
 from localcluster.images import Image
 from localcluster.pytest_plugin import wait_for
 from localcluster.realnode import example_on_real_node
-from localcluster.simcluster import SimulatedCluster
+from localcluster.simcluster import RESTRICTED_PODS, SimulatedCluster
 from neuron_modelgen import Options, build_model, deneuronized_copy, run_serving_default, sample_input
 from neuronmodel_operator.naming import MODEL_LABEL, model_label
 
@@ -109,7 +109,7 @@ def deployed(
 ) -> Iterator[Deployment]:
     """The chart installed from the operator image, the example's claims bound to host directories, the example
     applied; the model is not waited for (the first test does)."""
-    namespace = cluster.create_namespace("realnode-e2e")
+    namespace = cluster.create_namespace("realnode-e2e", labels=RESTRICTED_PODS)
     tmp = tmp_path_factory.mktemp("realnode")
     (tmp / "compiled").mkdir()
     source = build_model(tmp / "compiled" / MODEL)

@@ -5,12 +5,14 @@ resumed, and nothing left behind when it fails."""
 from __future__ import annotations
 
 import gzip
+import http.server
 import io
 import os
 import stat
 import subprocess
 import sys
 import tarfile
+import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -262,6 +264,27 @@ def test_a_missing_archive_and_an_unreachable_server_are_one_line_errors(www: Ar
     with pytest.raises(RewriteError, match=r"^http://127\.0\.0\.1:9/m\.tgz: \[Errno 111\] Connection refused$"):
         rewrite_model("http://127.0.0.1:9/m.tgz", tmp_path / "out", 2)
     assert leftovers(tmp_path) == ["www"]
+
+
+def test_a_server_error_that_lasts_is_not_a_refusal(tmp_path: Path) -> None:
+    """A 503 after every attempt may still pass: exit 1, which the Job's podFailurePolicy leaves to its backoffLimit
+    (a refusal's exit code fails the Job at once)."""
+
+    class Unavailable(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(503)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/m.tgz"
+        with pytest.raises(RewriteError) as failed:
+            rewrite_model(url, tmp_path / "out", 2)
+        server.shutdown()
+    assert type(failed.value) is RewriteError and failed.value.exit_code == 1
+    assert str(failed.value) == f"{url}: HTTP 503 Service Unavailable"
 
 
 def test_an_existing_output_is_refused_before_the_archive_is_fetched(
