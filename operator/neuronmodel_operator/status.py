@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,9 @@ from .naming import selector_string
 from .validation import SpecError
 
 REWRITE_SUCCEEDED, AVAILABLE, READY = "RewriteSucceeded", "Available", "Ready"
+# A pod name the apiserver generated for a ReplicaSet (its generateName and five random characters), as its
+# refusals quote it.
+_GENERATED_POD = re.compile(r'(pods "[a-z0-9.-]+-)[bcdfghjklmnpqrstvwxz2456789]{5}"')
 # status.rewrite field -> key of the rewrite's report (tf-neuron-auto-multicore --report_file)
 REPORT_FIELDS = {
     "sourceVersion": "sourceVersion",
@@ -155,10 +159,13 @@ def _pod_problem(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
 
 def _pods_refused(deployment_status: dict[str, Any]) -> str | None:
     """Why the ReplicaSet cannot create serving pods, in the refusing component's words (Pod Security admission, a
-    quota, a webhook): the Deployment carries the ReplicaSet's ReplicaFailure condition while the refusal lasts."""
+    quota, a webhook): the Deployment carries the ReplicaSet's ReplicaFailure condition while the refusal lasts.
+    The pod's generated suffix is cut (``pods "m-7d4b9c-"``), so a refusal that lasts is one status, not a write for
+    each of the ReplicaSet's retries."""
     for condition in deployment_status.get("conditions") or []:
         if condition.get("type") == "ReplicaFailure" and condition.get("status") == "True":
-            return f"the serving pods cannot be created: {condition.get('message') or condition.get('reason')}"
+            words = _GENERATED_POD.sub(r'\1"', condition.get("message") or condition.get("reason") or "")
+            return f"the serving pods cannot be created: {words}"
     return None
 
 

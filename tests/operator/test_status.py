@@ -366,6 +366,12 @@ def test_pods_the_api_refuses_to_create_are_told_in_its_words() -> None:
     assert status["phase"] == "Failed"
     assert conditions(status)["Ready"]["reason"] == "PodsRefused"
     assert conditions(status)["Ready"]["message"] == f"the serving pods cannot be created: {words}"
+    # Each retry of the ReplicaSet names another generated pod: the same status, so no write for it.
+    for name in ("resnet50-7d4b9c-x2v5q", "resnet50-7d4b9c-7c4cl"):
+        retried = [refused[0] | {"message": words.replace('"resnet50-7d4b9c-"', f'"{name}"')}]
+        again = deployment_body(model.rewrite_id(), desired=2, replicas=0, ready=0, updated=0, available=0,
+                                extra_conditions=retried)  # fmt: skip
+        assert status_of(model, Observed(job=complete_job(model), deployment=again)) == status
     # One of two admitted (a quota with room for one): that one serves, the refusal is named.
     one = deployment_body(model.rewrite_id(), desired=2, replicas=1, ready=1, updated=1, available=1,
                           extra_conditions=refused)  # fmt: skip

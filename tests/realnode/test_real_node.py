@@ -356,7 +356,13 @@ def test_pod_template_additions_run_on_the_kubelet(deployed: Deployment, built_i
         "command": ["sleep", "infinity"],
         "volumeMounts": [{"name": "warmup", "mountPath": "/warmup", "readOnly": True}],
         "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "32Mi"}},
-        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True},
+        # What the namespace's restricted Pod Security level asks of every container the pod's context does not
+        # cover (without it the apiserver refuses the pods and the model says PodsRefused).
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
     }
     manifest["spec"]["serving"] |= {
         "podLabels": {"team": "search"},
