@@ -73,7 +73,8 @@ fi
 GO="$(command -v go || echo /usr/local/go/bin/go)"
 [ -x "$GO" ] || { log "no Go toolchain found (go on PATH or /usr/local/go/bin/go): install Go 1.26 or later"; exit 1; }
 export GOMODCACHE="$cache/go/mod" GOCACHE="$cache/go/build" GOFLAGS=-mod=mod CGO_ENABLED=0 GOTOOLCHAIN=local
-work="$cache/build"
+work="$cache/go/build-modules"
+rm -rf "$cache/build" "$cache/go-build"  # the v1.20 recipe's source tree and Go cache, if this machine had them
 staging="$out.tmp"
 rm -rf "$staging"
 mkdir -p "$work" "$staging/bin" "$staging/share"
