@@ -332,11 +332,9 @@ class PodRunner(threading.Thread):
             elif volume.empty_dir is not None:
                 out[volume.name] = self._fresh_dir(volume.name, 0o777)  # as the kubelet makes it: for any user
             elif volume.config_map:
-                data = self.core.read_namespaced_config_map(volume.config_map.name, ns).data or {}
-                out[volume.name] = self._write_files(volume.name, {k: v.encode() for k, v in data.items()})
+                out[volume.name] = self._write_files(volume.name, self._data("ConfigMap", volume.config_map.name))
             elif volume.secret:
-                data = self.core.read_namespaced_secret(volume.secret.secret_name, ns).data or {}
-                out[volume.name] = self._write_files(volume.name, {k: base64.b64decode(v) for k, v in data.items()})
+                out[volume.name] = self._write_files(volume.name, self._data("Secret", volume.secret.secret_name))
             elif volume.downward_api:
                 items = volume.downward_api.items or []
                 out[volume.name] = self._write_files(volume.name, {i.path: self._field(i).encode() for i in items})
@@ -367,23 +365,28 @@ class PodRunner(threading.Thread):
                 issued = self.core.create_namespaced_service_account_token(account, ns, request)
                 files[token.path] = issued.status.token.encode()
             elif source.config_map or source.secret:
-                ref = source.config_map or source.secret
-                read = self.core.read_namespaced_config_map if source.config_map else self.core.read_namespaced_secret
+                ref, kind = (source.config_map, "ConfigMap") if source.config_map else (source.secret, "Secret")
                 try:
-                    data = read(ref.name, ns).data or {}
+                    values = self._data(kind, ref.name)
                 except ApiException as exc:
                     if exc.status != 404:
                         raise
                     if ref.optional:
                         continue
-                    kind = "configmap" if source.config_map else "secret"
-                    raise VolumeNotReady(f'{kind} "{ref.name}" not found') from None
-                values = {k: v.encode() if source.config_map else base64.b64decode(v) for k, v in data.items()}
+                    raise VolumeNotReady(f'{kind.lower()} "{ref.name}" not found') from None
                 paths = {i.key: i.path for i in ref.items} if ref.items else {k: k for k in values}
                 files.update({path: values[key] for key, path in paths.items() if key in values})
             elif source.downward_api:
                 files.update({i.path: self._field(i).encode() for i in source.downward_api.items or []})
         return files
+
+    def _data(self, kind: str, name: str) -> dict[str, bytes]:
+        """A ConfigMap's or a Secret's data in the pod's namespace, as the bytes its files hold."""
+        if kind == "ConfigMap":
+            data = self.core.read_namespaced_config_map(name, self.pod.metadata.namespace).data or {}
+            return {key: value.encode() for key, value in data.items()}
+        data = self.core.read_namespaced_secret(name, self.pod.metadata.namespace).data or {}
+        return {key: base64.b64decode(value) for key, value in data.items()}
 
     def _field(self, item: Any) -> str:
         """A downwardAPI file's content, as the kubelet writes it (a whole map as sorted key="value" lines)."""
@@ -495,9 +498,8 @@ class PodRunner(threading.Thread):
         if ref is None:
             return None
         namespace = self.pod.metadata.namespace
-        read = self.core.read_namespaced_secret if kind == "Secret" else self.core.read_namespaced_config_map
         try:
-            data = read(ref.name, namespace).data or {}
+            data = self._data(kind, ref.name)
         except ApiException as exc:
             if exc.status != 404 or ref.optional:
                 raise
@@ -508,7 +510,7 @@ class PodRunner(threading.Thread):
             raise ContainerConfigError(
                 container.name, False, f"couldn't find key {ref.key} in {kind} {namespace}/{ref.name}"
             )
-        return base64.b64decode(data[ref.key]).decode() if kind == "Secret" else data[ref.key]
+        return data[ref.key].decode()
 
     def _web_identity(self, container: Any) -> dict[str, str]:
         """What EKS's pod identity webhook injects into ``container`` when the pod's service account is annotated with

@@ -104,7 +104,8 @@ class RealNodeError(ClusterError):
 
 
 def pause_archive(pause_binary: Path, out: Path) -> Path:
-    """A docker-archive of the sandbox image: the static pause binary alone (no registry to pull one from)."""
+    """A docker-archive of the sandbox image: the static pause binary alone (no registry to pull one from). Kept
+    beside the build it comes from, so a new build (and its image name) never finds an older archive."""
     if out.exists():
         return out
     layer = io.BytesIO()
@@ -289,7 +290,8 @@ class RealNode:
         )
         self._wait(lambda: self._ctr("version", check=False).returncode == 0, deadline, "containerd")
         self._forget_old_containers()
-        pause = Image("pause", PAUSE_IMAGE, pause_archive(self.cluster.bin_dir / "pause", cache_dir() / "pause.tar"))
+        built = self.cluster.bin_dir
+        pause = Image("pause", PAUSE_IMAGE, pause_archive(built / "pause", built.parent / "pause.tar"))
         import_images([pause, *self.images], str(self.socket), ctr=self._ctr_path, aliases=self.aliases)
         deadline = time.monotonic() + timeout  # a cold import of the stand-in's TensorFlow takes most of a minute
         self._authorize()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import threading
 import time
@@ -115,6 +116,14 @@ def convergence_problems(env: Env, name: str) -> list[str]:
     if wrong:
         problems.append(f"pods {wrong} do not have {cores} NeuronCores")
     return problems
+
+
+def evict(env: Env, pod: str) -> tuple[bool, str]:
+    """POST an Eviction, as `kubectl drain` and Karpenter do: (accepted, the apiserver's words)."""
+    body = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod, "namespace": env.namespace}}
+    path = f"/api/v1/namespaces/{env.namespace}/pods/{pod}/eviction"
+    done = env.cluster.cluster.kubectl("create", "--raw", path, "-f", "-", input=json.dumps(body), check=False)
+    return done.returncode == 0, done.stdout + done.stderr
 
 
 def describe(env: Env, name: str) -> str:

@@ -23,12 +23,12 @@ from faults import (
     children,
     copy_model,
     describe,
+    evict,
     live,
     orphans,
     restart,
     wait_until_none,
 )
-from test_platform import evict
 
 from conftest import GROUP, PLURAL, VERSION, Env, neuron_model, serving_pods, wait_for
 from localcluster.httpserver import serving
@@ -147,7 +147,7 @@ def test_an_evicted_rewrite_pod_is_replaced_without_counting_against_the_backoff
         wait_for(lambda: "held GET /resnet50.tar.gz" in www.log, what="the rewrite downloading")
         (job,) = env.jobs()
         (first,) = rewrite_pods(env, job.metadata.name)
-        accepted, words = evict(env, first.metadata.name, "policy/v1")
+        accepted, words = evict(env, first.metadata.name)
         assert accepted, words
 
         def replaced_or_failed() -> str | None:

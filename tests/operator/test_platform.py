@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faults import evict
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
@@ -25,14 +26,6 @@ def budget(env: Env, name: str) -> dict[str, Any] | None:
     """The model's PodDisruptionBudget as kubectl reads it (the apiserver's preferred policy version), or None."""
     got = env.cluster.cluster.kubectl("get", "pdb", name, "-n", env.namespace, "-o", "json", check=False)
     return json.loads(got.stdout) if got.returncode == 0 else None
-
-
-def evict(env: Env, pod: str, policy: str) -> tuple[bool, str]:
-    """POST an Eviction, as `kubectl drain` and Karpenter do: (accepted, the apiserver's words)."""
-    body = {"apiVersion": policy, "kind": "Eviction", "metadata": {"name": pod, "namespace": env.namespace}}
-    path = f"/api/v1/namespaces/{env.namespace}/pods/{pod}/eviction"
-    done = env.cluster.cluster.kubectl("create", "--raw", path, "-f", "-", input=json.dumps(body), check=False)
-    return done.returncode == 0, done.stdout + done.stderr
 
 
 def allowed(env: Env, name: str) -> int | None:
@@ -61,7 +54,7 @@ def test_the_budget_lets_a_drain_evict_one_serving_pod_at_a_time(env: Env, model
     # The disruption controller (controller-manager) counts the healthy pods before the apiserver allows any.
     wait_for(lambda: allowed(env, "spread") == 1, what="1 disruption allowed")
     first, second, _ = sorted(p.metadata.name for p in serving_pods(env, "spread"))
-    accepted, words = evict(env, first, policy)
+    accepted, words = evict(env, first)
     assert accepted, words
 
     # A budget that allows none (the spec's, over the default): the apiserver refuses the next eviction. (Two
@@ -69,7 +62,7 @@ def test_the_budget_lets_a_drain_evict_one_serving_pod_at_a_time(env: Env, model
     env.patch_spec("spread", {"disruptionBudget": {"maxUnavailable": 0}})
     wait_for(lambda: (budget(env, "spread") or {}).get("spec", {}).get("maxUnavailable") == 0, what="the new limit")
     wait_for(lambda: allowed(env, "spread") == 0, what="no disruption allowed")
-    accepted, words = evict(env, second, policy)
+    accepted, words = evict(env, second)
     assert not accepted
     assert "Cannot evict pod as it would violate the pod's disruption budget" in words, words
 
