@@ -339,9 +339,8 @@ def import_images(images: Iterable[Image], address: str, ctr: str, aliases: dict
         run(f"ctr images import {image.archive.name}", [*base, "images", "import", str(image.archive)])
         progress(f"{image.ref}: imported in {time.monotonic() - start:.1f} s")
     for ref, others in (aliases or {}).items():
-        for other in others:
-            if other not in present:
-                run(f"ctr images tag {other}", [*base, "images", "tag", "--force", ref, other])
+        for other in others:  # always: an alias kept from an earlier build would name that build's image
+            run(f"ctr images tag {other}", [*base, "images", "tag", "--force", ref, other])
     wanted = {image.ref for image in images}
     repos = {image.ref.rsplit(":", 1)[0] for image in images}
     stale = [ref for ref in present - wanted if ref.rsplit(":", 1)[0] in repos]

@@ -4,10 +4,11 @@ The real server cannot run without Neuron hardware, so end-to-end tests run serv
 parses the real command line, loads the newest numbered version under ``--model_base_path`` as the real server
 does, and refuses what the Neuron runtime would refuse (no visible NeuronCore, NeuronOps not tagged
 ``_automatic_multicore`` for exactly the visible cores, pipelined NeuronOps, no NeuronOp at all). Then it runs
-the model for real on CPU (NeuronOps inlined back by ``neuron_modelgen.deneuronized_copy``) behind the REST API.
+the model for real on CPU (NeuronOps inlined back by ``neuron_modelgen.deneuronized_copy``) behind the REST API
+and the gRPC API (Predict, GetModelMetadata, GetModelStatus, with TF Serving's own service definitions).
 
-Not implemented (refused with an explicit error where a flag asks for it): the gRPC API (the gRPC port only
-accepts TCP connections, enough for the kubelet's liveness probe), ``--model_config_file``,
-``--platform_config_file``, SSL/ALTS credentials, UNIX sockets, ``:classify``/``:regress``, request batching (the
-parameters file is validated, batching itself is not done), model warmup.
+Not implemented (refused with an explicit error where a flag or a call asks for it): ``--model_config_file``,
+``--platform_config_file``, SSL/ALTS credentials, UNIX sockets, the gRPC health check and profiler services,
+``:classify``/``:regress`` and the Classify, Regress, MultiInference and HandleReloadConfigRequest RPCs, request
+batching (the parameters file is validated, batching itself is not done), model warmup.
 """

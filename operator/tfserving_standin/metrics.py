@@ -1,6 +1,7 @@
 """The two metrics the stand-in exports, named and rendered as TF Serving's Prometheus exporter does.
 
-``/tensorflow/serving/request_count`` (model_name, status) counts REST requests as http_server.cc records them;
+``/tensorflow/serving/request_count`` (model_name, status) counts REST requests as http_server.cc records them and
+gRPC Predict, Classify and Regress calls as prediction_service_impl.cc does (by the request's model_spec.name);
 ``/tensorflow/cc/saved_model/load_latency`` (model_path) adds each successful load's time in microseconds.
 Names become ``:tensorflow:serving:request_count`` by the exporter's rule (every non-alphanumeric becomes ':').
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -18,9 +19,9 @@ import tensorflow as tf
 from google.protobuf import json_format
 
 from . import json_tensor, log
-from .manager import Servable
+from .core import DEFAULT_SIGNATURE, SIGNATURE_DEF, Core, ModelSpec
 from .metrics import Metrics
-from .status import StatusError, invalid_argument, not_found
+from .status import StatusError, invalid_argument
 
 _API = re.compile(r"/v1/.*", re.IGNORECASE | re.DOTALL)
 _PREDICT = re.compile(
@@ -31,14 +32,13 @@ _STATUS = re.compile(
     r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?",
     re.IGNORECASE | re.ASCII,
 )
-DEFAULT_SIGNATURE = "serving_default"
 
 
 class Api:
-    """The request processing, apart from the HTTP plumbing."""
+    """The request processing, apart from the HTTP plumbing; the model-facing part is core.py's, shared with gRPC."""
 
-    def __init__(self, servable: Servable) -> None:
-        self.servable = servable
+    def __init__(self, core: Core) -> None:
+        self.core = core
 
     def process(self, method: str, path: str, body: bytes) -> str:
         """The JSON output, or raises StatusError."""
@@ -51,52 +51,36 @@ class Api:
             version = int(match[2])
             if version >= 2**63:
                 raise invalid_argument(f"Failed to convert version: {match[2]} to numeric.")
-        label = unquote(match[3]) if match[3] else None
+        spec = ModelSpec(name, version, unquote(match[3]) if match[3] else None)
         if method == "POST":
             if match[4] != "predict":
                 if match[4] in ("classify", "regress"):
                     raise StatusError("UNIMPLEMENTED", f":{match[4]} is not implemented by the TF Serving stand-in")
                 raise invalid_argument(f"Malformed request: {method} {path}")
-            return self._predict(name, version, label, body)
+            return self._predict(spec, body)
         if not name:
             raise invalid_argument("Missing model name in request.")
         if match[4] and match[4] == "metadata":
-            return self._metadata(name, version, label)
-        return self._status(name, version)
+            return self._metadata(spec)
+        return self._status(spec)
 
-    def _status(self, name: str, version: int | None) -> str:
-        states = self.servable.states() if name == self.servable.name else {}
-        if version is not None:
-            if version not in states:
-                raise not_found(f"Could not find version {version} of model {name}")
-            states = {version: states[version]}
-        elif not states:
-            raise not_found(f"Could not find any versions of model {name}")
+    def _status(self, spec: ModelSpec) -> str:
         statuses = [
             {
-                "version": str(v),
+                "version": str(version),
                 "state": state.state,
                 "status": {
                     "error_code": state.error.code if state.error else "OK",
                     "error_message": state.error.message if state.error else "",
                 },
             }
-            for v, state in sorted(states.items(), reverse=True)
+            for version, state in self.core.statuses(spec)
         ]
         return json.dumps({"model_version_status": statuses}, indent=1)
 
-    def _model(self, name: str, version: int | None, label: str | None) -> Any:
-        if label is not None:
-            raise invalid_argument(f"Unrecognized servable version label: {label}")
-        model = self.servable.model(version) if name == self.servable.name else None
-        if model is None:
-            request = f"Latest({name})" if version is None else f"Specific({name}, {version})"
-            raise not_found(f"Servable not found for request: {request}")
-        return model
-
-    def _metadata(self, name: str, version: int | None, label: str | None) -> str:
-        model = self._model(name, version, label)
-        spec = {"name": name, "signature_name": "", "version": str(model.version)}
+    def _metadata(self, spec: ModelSpec) -> str:
+        model = self.core.metadata(spec, [SIGNATURE_DEF])
+        model_spec = {"name": spec.name, "signature_name": "", "version": str(model.version)}
         signatures = {
             key: json_format.MessageToDict(
                 signature, always_print_fields_with_no_presence=True, preserving_proto_field_name=True
@@ -105,30 +89,20 @@ class Api:
         }
         return (
             "{\n"
-            f'"model_spec":{json.dumps(spec, indent=1)},\n'
+            f'"model_spec":{json.dumps(model_spec, indent=1)},\n'
             f'"metadata": {{"signature_def": {json.dumps({"signature_def": signatures}, indent=1)}}}\n'
             "}\n"
         )
 
-    def _predict(self, name: str, version: int | None, label: str | None, body: bytes) -> str:
+    def _predict(self, spec: ModelSpec, body: bytes) -> str:
         doc = json_tensor.parse(body)
-        signature = json_tensor.signature_name(doc) or DEFAULT_SIGNATURE
-        model = self._model(name, version, label)
-        if signature not in model.signature_defs:
-            raise invalid_argument(f'Serving signature name: "{signature}" not found in signature def')
-        inputs = {key: info.dtype for key, info in model.signature_defs[signature].inputs.items()}
+        spec = replace(spec, signature_name=json_tensor.signature_name(doc))
+        inputs = {key: info.dtype for key, info in self.core.input_map(spec).items()}
         if not inputs:
-            raise invalid_argument(f"Failed to get input map for signature: {signature}")
+            raise invalid_argument(f"Failed to get input map for signature: {spec.signature_name or DEFAULT_SIGNATURE}")
         format, tensors = json_tensor.request_tensors(doc, inputs)
-        if signature not in model.signatures:
-            raise StatusError("FAILED_PRECONDITION", f'Serving signature key "{signature}" not found.')
-        function = model.signatures[signature]
-        try:
-            outputs = function(**{key: tf.constant(value, dtype=inputs[key]) for key, value in tensors.items()})
-        except (tf.errors.OpError, TypeError, ValueError) as exc:
-            message = exc.message if isinstance(exc, tf.errors.OpError) else str(exc)
-            raise invalid_argument(message.strip()) from None
-        return json_tensor.response({key: value.numpy() for key, value in outputs.items()}, format)
+        result = self.core.predict(spec, tensors, tf.constant)
+        return json_tensor.response({key: value.numpy() for key, value in result.outputs.items()}, format)
 
 
 def _handler(api: Api, metrics: Metrics, metrics_path: str | None, cors: bool) -> type[BaseHTTPRequestHandler]:

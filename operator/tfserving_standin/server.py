@@ -1,8 +1,8 @@
 """``main`` and ``Server::BuildAndStart`` of the real model server, in the same order.
 
 The model loads first; only then are the gRPC and REST ports opened (a pod is never Ready, nor live, before its
-model is). A model that ends unavailable makes start-up fail with the real words and exit status 255. The gRPC
-port is a plain TCP listener: the gRPC API is not implemented, the port only satisfies TCP liveness probes.
+model is). A model that ends unavailable makes start-up fail with the real words and exit status 255. Both ports
+answer from the same core (core.py): the gRPC API in grpc_api.py, the REST API in rest.py.
 """
 
 from __future__ import annotations
@@ -10,16 +10,19 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import threading
 from importlib import metadata
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from . import flags, log
 from .flags import Options
 from .status import StatusError, invalid_argument
+
+if TYPE_CHECKING:
+    import grpc
 
 SERVER = "tensorflow_serving/model_servers/server.cc"
 CORE = "tensorflow_serving/model_servers/server_core.cc"
@@ -33,6 +36,7 @@ UNSUPPORTED = (
     "use_alts_credentials",
     "grpc_socket_path",
     "thread_pool_factory_config_file",
+    "enable_grpc_healthcheck_service",
 )
 
 
@@ -62,7 +66,7 @@ def _check(options: Options) -> None:
             raise StatusError(
                 "UNIMPLEMENTED",
                 f"--{name} is not supported by the TF Serving stand-in (test equipment): it serves one model given "
-                "by --model_name and --model_base_path over plain TCP",
+                "by --model_name and --model_base_path, over insecure TCP",
             )
     if options.enable_batching:
         if options.batching_parameters_file:
@@ -86,19 +90,8 @@ def _check(options: Options) -> None:
         )
 
 
-def _grpc_listener(port: int) -> None:
-    """Accept and close connections: enough for a TCP probe, nothing for a gRPC client."""
-    listener = socket.create_server(("0.0.0.0", port), backlog=128)
-
-    def accept() -> None:
-        while True:
-            connection, _ = listener.accept()
-            connection.close()
-
-    threading.Thread(target=accept, name="grpc", daemon=True).start()
-
-
-def build_and_start(options: Options) -> None:
+def build_and_start(options: Options) -> grpc.Server:
+    """The running gRPC server, for ``main`` to wait on as the real one waits on it."""
     _check(options)
     log.info(
         SERVER,
@@ -106,6 +99,8 @@ def build_and_start(options: Options) -> None:
         f"model_name: {options.model_name} model_base_path: {options.model_base_path}",
     )
     from .config import monitoring_path, parse_text_file  # TensorFlow loads here, after the cheap checks
+    from .core import Core
+    from .grpc_api import serve
     from .manager import Servable
     from .metrics import Metrics
     from .rest import Api, RestServer
@@ -125,28 +120,27 @@ def build_and_start(options: Options) -> None:
     if servable.startup_error is not None:
         raise servable.startup_error
     log.info(CORE, "Finished adding/updating models")
-    try:
-        _grpc_listener(options.port)
-    except OSError:
-        raise invalid_argument("Failed to BuildAndStart gRPC server") from None
+    core = Core(servable)
+    grpc_server = serve(options, core, metrics)
     log.info(SERVER, f"Running gRPC ModelServer at 0.0.0.0:{options.port} ...")
     if options.rest_api_port == 0:
-        return
+        return grpc_server
     if options.rest_api_port == options.port:
         log.error(
             SERVER,
             "server_options.http_port cannot be same as grpc_port. Please use a different port for HTTP/REST API. "
             "Skipped exporting HTTP/REST API.",
         )
-        return
+        return grpc_server
     address = f"localhost:{options.rest_api_port}"
     path = monitoring_path(options.monitoring_config_file) if options.monitoring_config_file else None
     try:
-        RestServer(options.rest_api_port, Api(servable), metrics, path, options.rest_api_enable_cors_support)
+        RestServer(options.rest_api_port, Api(core), metrics, path, options.rest_api_enable_cors_support)
     except OSError:
         log.error(SERVER, f"Failed to start HTTP Server at {address}")
-        return
+        return grpc_server
     log.info(SERVER, f"Exporting HTTP/REST API at:{address} ...")
+    return grpc_server
 
 
 def _version() -> str:
@@ -172,10 +166,10 @@ def main(argv: list[str]) -> int:
     if unknown:
         log.stdout(f"unknown argument: {unknown[0]}\n{usage}")
     try:
-        build_and_start(options)
+        grpc_server = build_and_start(options)
     except StatusError as exc:
         log.stdout(f"Failed to start server. Error: {exc}\n")
         shutil.rmtree(workdir(), ignore_errors=True)
         return EXIT_FAILURE
-    threading.Event().wait()  # serve until a signal ends the process
+    grpc_server.wait_for_termination()  # until a signal ends the process: no GOAWAY, the real one has no handler
     return 0

@@ -103,6 +103,22 @@ def test_import_skips_images_already_present(
     assert "imported" not in capsys.readouterr().err
 
 
+def test_an_alias_names_the_current_image_even_when_it_named_another(containerd: str, images: dict[str, Image]) -> None:
+    """The examples' serving image names are aliases of the stand-in: one kept from an earlier build (a kept
+    containerd root) must be moved to the current build, or the pods would run the old stand-in."""
+    alias = "example.com/serving:alias-test"
+    ctr(containerd, "images", "tag", "--force", images["rewrite"].ref, alias)  # as if an older image held it
+    standin = images["tfserving-standin"]
+    import_images([standin], containerd, ctr=str(binaries_dir() / "ctr"), aliases={standin.ref: [alias]})
+
+    def digest(ref: str) -> str:
+        listed = ctr(containerd, "images", "ls").stdout.splitlines()
+        (line,) = [line for line in listed if line.split()[:1] == [ref]]
+        return line.split()[2]
+
+    assert digest(alias) == digest(standin.ref)
+
+
 @pytest.mark.parametrize("name", available())
 def test_runs_as_nonroot_on_a_read_only_root(containerd: str, images: dict[str, Image], name: str) -> None:
     probe = "import os; print(os.getuid(), os.getgid(), flush=True); open('/probe', 'w')"
