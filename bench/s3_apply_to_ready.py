@@ -244,13 +244,17 @@ def run(sizes: list[int], tmp: Path, logs: Path, timeout: float) -> list[dict[st
     """Start the local S3, the control plane and the operator once; measure every size on them."""
     from kubernetes import client
 
-    from localcluster import s3server
+    from localcluster import awsidentity, s3server
     from localcluster.agent import IRSA_ROLE_ANNOTATION
     from localcluster.simcluster import SimulatedCluster
 
     helpers = load_helpers()
     rows: list[dict[str, Any]] = []
-    with s3server.running(logs / "s3.log") as endpoint, SimulatedCluster(nodes=dict(NODES)) as sim:
+    with (
+        SimulatedCluster(nodes=dict(NODES)) as sim,
+        s3server.running(logs / "s3.log", identity=awsidentity.Options(kubeconfig=sim.kubeconfig)) as endpoint,
+    ):
+        awsidentity.trust(endpoint, ROLE_ARN, f"system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNT}")
         use_endpoint(endpoint)  # for the upload and the floor; the Job gets the endpoint from the spec
         assert sim.agent is not None and sim.cluster.workdir is not None
         sim.agent.aws_env["AWS_ENDPOINT_URL_STS"] = endpoint  # IRSA's web identity, exchanged at the local STS

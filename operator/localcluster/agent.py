@@ -12,10 +12,11 @@ There is no container runtime here, so the agent does what a node must for the p
 - TensorFlow Serving pods (no TF Serving binary exists here): the agent checks what the real server needs, that the
   model base path holds a version whose NeuronOps are tagged for exactly the NeuronCores the pod requests, and then
   reports the pod Running and Ready; otherwise a waiting container with the reason, as a crash-looping server would.
-- IRSA: for a pod whose service account carries an IAM role annotation, the environment EKS's pod identity webhook
-  would inject (AWS_ROLE_ARN, AWS_WEB_IDENTITY_TOKEN_FILE, the cluster's region ``NodeAgent.aws_region`` as
-  AWS_REGION and AWS_DEFAULT_REGION), each pair only into a container that sets neither of its variables, as the
-  webhook does; pointed at the endpoints in ``NodeAgent.aws_env``.
+- AWS identity (IRSA, EKS Pod Identity): EKS's pod identity webhook, which runs beside the apiserver
+  (``localcluster.identitywebhook``), puts the variables and a projected serviceAccountToken volume into the pod as
+  on EKS; the agent writes that token as the kubelet does, requested through the TokenRequest API for the pod with
+  the volume's audience and path. A container given IRSA's or Pod Identity's variables also gets the endpoints in
+  ``NodeAgent.aws_env`` (a local S3 and STS in tests: what the node's network would reach as AWS).
 - Graceful deletion: SIGTERM, the grace period, SIGKILL, then the container's exit and the pod's terminal phase
   are reported and the pod object is removed, as a kubelet does.
 
@@ -82,10 +83,8 @@ TERMINATION_MESSAGE_MAX_BYTES = 4096  # what a kubelet keeps of the termination 
 DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 MAX_GRACE_SECONDS = 30
 SERVING_RECHECK_SECONDS = 2.0
-IRSA_ROLE_ANNOTATION = "eks.amazonaws.com/role-arn"
-# The pod identity webhook injects each pair only into a container that sets neither of its variables.
-IRSA_IDENTITY_VARS = frozenset({"AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"})
-IRSA_REGION_VARS = frozenset({"AWS_REGION", "AWS_DEFAULT_REGION"})
+# What the pod identity webhook gives a container for IRSA and for Pod Identity: where AWS SDKs find their credentials.
+AWS_CREDENTIAL_VARS = frozenset({"AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI"})
 # Read by clients at a fixed path, which no path translation reaches: bind mounted (see in_mount_namespace).
 BIND_MOUNT_PREFIX = "/var/run/secrets/"
 # Runs as ``sh -c SCRIPT sh HOST CONTAINER ro|rw ... -- ARGV``: mounts each triple, then becomes ARGV. ``mkdir -p``
@@ -251,7 +250,6 @@ class PodRunner(threading.Thread):
         self.dir = agent.workdir / "pods" / pod.metadata.uid
         self.process: subprocess.Popen | None = None
         self.pod_ip = agent.next_pod_ip()
-        self._irsa: dict[str, str] | None = None
         self.restart_counts: dict[str, int] = {}
 
     @property
@@ -477,7 +475,8 @@ class PodRunner(threading.Thread):
             "spec.nodeName": self.pod.spec.node_name,
             "status.podIP": self.pod_ip,
         }
-        env.update(self._web_identity(container))
+        if AWS_CREDENTIAL_VARS & {var.name for var in container.env or []}:
+            env.update(self.agent.aws_env)  # beneath the container's own: a spec's endpoint wins, as on a node
         for var in container.env or []:
             if var.value is not None:
                 env[var.name] = translate(var.value, mounts)
@@ -511,34 +510,6 @@ class PodRunner(threading.Thread):
                 container.name, False, f"couldn't find key {ref.key} in {kind} {namespace}/{ref.name}"
             )
         return data[ref.key].decode()
-
-    def _web_identity(self, container: Any) -> dict[str, str]:
-        """What EKS's pod identity webhook injects into ``container`` when the pod's service account is annotated with
-        an IAM role (IRSA), as its addEnvToContainer (pkg/handler/handler.go): the role and token file unless the
-        container sets either, the cluster's region unless it sets AWS_REGION or AWS_DEFAULT_REGION; plus the AWS
-        endpoints the agent was given (a local S3 and STS in tests)."""
-        if self._irsa is None:
-            account = self.pod.spec.service_account_name or "default"
-            try:
-                meta = self.core.read_namespaced_service_account(account, self.pod.metadata.namespace).metadata
-            except ApiException:
-                meta = None
-            role = ((meta and meta.annotations) or {}).get(IRSA_ROLE_ANNOTATION)
-            self._irsa = {}
-            if role:
-                token = self.dir / "web-identity-token"
-                token.parent.mkdir(parents=True, exist_ok=True)
-                token.write_text(f"simulated-token-for-{account}")  # the local STS does not verify it
-                self._irsa = {"AWS_ROLE_ARN": role, "AWS_WEB_IDENTITY_TOKEN_FILE": str(token)}
-        if not self._irsa:
-            return {}
-        own = {var.name for var in container.env or []}
-        env = dict(self.agent.aws_env)
-        if not own & IRSA_IDENTITY_VARS:
-            env.update(self._irsa)
-        if not own & IRSA_REGION_VARS:
-            env.update(dict.fromkeys(IRSA_REGION_VARS, self.agent.aws_region))
-        return env
 
     def _verify(self, container: Any, init: bool) -> None:
         """What the kubelet checks before it asks the runtime for the container."""
@@ -733,8 +704,8 @@ class NodeAgent:
         self.api_port = api_port
         self.api_host = api_host  # the address the apiserver's serving certificate names
         self.host_ip = "10.0.0.1"
-        self.aws_env: dict[str, str] = {}  # e.g. AWS_ENDPOINT_URL_STS/S3 of a local S3 server, for IRSA pods
-        self.aws_region = "us-west-2"  # the cluster's region, which the pod identity webhook injects into IRSA pods
+        # e.g. AWS_ENDPOINT_URL_STS/S3 of a local S3 server, for containers with IRSA or Pod Identity
+        self.aws_env: dict[str, str] = {}
         self.runners: dict[str, PodRunner] = {}
         self._deleting: set[str] = set()
         self._ips = itertools.count(2)

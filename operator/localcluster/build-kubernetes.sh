@@ -2,9 +2,10 @@
 # Build the Kubernetes the tests, the demo and the benchmarks run on, from the Go module proxy: the control plane
 # (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl), the real node (kubelet, kube-proxy), the etcd
 # this Kubernetes release names in its build/dependencies.yaml, containerd with its runc shim and ctr (Kubernetes
-# 1.36 needs containerd 2.2 or later; Debian bookworm has 1.6), the pause image's binary (build/pause/linux/pause.c)
-# and the device plugin API definition the simulated Neuron device plugin speaks. Installs runc, the CNI plugins,
-# buildah and mmdebstrap from Debian.
+# 1.36 needs containerd 2.2 or later; Debian bookworm has 1.6), the pause image's binary (build/pause/linux/pause.c),
+# the device plugin API definition the simulated Neuron device plugin speaks, and the pod identity webhook EKS runs
+# beside its apiservers (IRSA and Pod Identity injection into pods). Installs runc, the CNI plugins, buildah and
+# mmdebstrap from Debian.
 #
 # Needs root on Debian bookworm (it installs packages) and Go (see go.mod's `go` line of the release). Everything
 # is cached outside the work tree, so a warm machine builds nothing:
@@ -17,11 +18,12 @@ set -euo pipefail
 # The one place the versions are named.
 KUBERNETES_VERSION=1.36.3
 CONTAINERD_VERSION=2.3.7
+POD_IDENTITY_WEBHOOK_VERSION=0.6.17
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache="${NEURON_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/neuron-model-operator}"
 binaries=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy
-  etcd containerd containerd-shim-runc-v2 ctr pause)
+  etcd containerd containerd-shim-runc-v2 ctr pause amazon-eks-pod-identity-webhook)
 # The cache key covers what decides the outputs: this recipe.
 key="$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-12)"
 out="$cache/kubernetes-v$KUBERNETES_VERSION-$key"
@@ -127,6 +129,10 @@ build_module containerd "github.com/containerd/containerd/v2@v$CONTAINERD_VERSIO
   "-X github.com/containerd/containerd/v2/version.Version=v$CONTAINERD_VERSION" -tags no_btrfs \
   github.com/containerd/containerd/v2/cmd/{containerd,containerd-shim-runc-v2,ctr}
 
+# The webhook's module maps nothing to directories; main.webhookVersion is what its --version prints.
+build_module pod-identity-webhook "github.com/aws/amazon-eks-pod-identity-webhook@v$POD_IDENTITY_WEBHOOK_VERSION" "" \
+  "-X main.webhookVersion=v$POD_IDENTITY_WEBHOOK_VERSION" github.com/aws/amazon-eks-pod-identity-webhook
+
 # The sandbox image's only binary; static, since the image holds nothing else.
 gcc -Os -static -o "$staging/bin/pause" -DVERSION="v$KUBERNETES_VERSION-local" "$k8s_source/build/pause/linux/pause.c"
 cp "$(source_dir "k8s.io/kubelet@v0.${KUBERNETES_VERSION#1.}")/pkg/apis/deviceplugin/v1beta1/api.proto" "$staging/$proto"
@@ -136,4 +142,5 @@ mv "$staging" "$out"
 for stale in "$cache"/kubernetes-v*; do  # outputs of an older recipe
   [ "$stale" = "$out" ] || rm -rf "$stale"
 done
-log "installed: $out (Kubernetes v$KUBERNETES_VERSION, etcd v$etcd_version, containerd v$CONTAINERD_VERSION)"
+log "installed: $out (Kubernetes v$KUBERNETES_VERSION, etcd v$etcd_version, containerd v$CONTAINERD_VERSION," \
+  "pod identity webhook v$POD_IDENTITY_WEBHOOK_VERSION)"

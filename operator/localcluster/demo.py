@@ -106,7 +106,7 @@ def run(timeout: float, stay: bool) -> int:
     say(started, "building the project's images if the sources changed (minutes the first time)")
     built = ensure_images()
     sim = SimulatedCluster(taints=[NEURON_TAINT], workdir=work / "cluster", real_node_images=built)
-    say(started, "starting etcd, the control plane, the node agent and the real node (containerd, kubelet)")
+    say(started, "starting etcd, the control plane, EKS's pod identity webhook, the node agent and the real node")
     sim.start()
     try:
         nodes = sim.cluster.kubectl("get", "nodes", "-L", "node.kubernetes.io/instance-type").stdout

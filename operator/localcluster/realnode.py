@@ -31,7 +31,7 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -415,6 +415,17 @@ class RealNode:
         _remove_cgroups("kubepods")
         self.snapshot.restore()
         self.snapshot = None
+
+
+@contextlib.contextmanager
+def bridge_address(address: str) -> Iterator[str]:
+    """``address`` on the pod bridge while the block runs: a host service the pods reach at a fixed address, as EKS's
+    Pod Identity Agent answers on 169.254.170.23 on every node (a link-local address: it never leaves the host)."""
+    _run("ip", "addr", "replace", f"{address}/32", "dev", BRIDGE)
+    try:
+        yield address
+    finally:
+        _run("ip", "addr", "del", f"{address}/32", "dev", BRIDGE, check=False)
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:

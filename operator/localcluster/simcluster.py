@@ -14,6 +14,7 @@ from kubernetes import client, config
 from . import images
 from .agent import NodeAgent, now
 from .cluster import LocalCluster
+from .identitywebhook import IdentityWebhook
 from .nodes import SIMULATED_LABEL, node_manifest, node_names, node_status
 from .realnode import GATEWAY, NODE_USER, PROXY_USER, RealNode
 
@@ -51,6 +52,8 @@ class SimulatedCluster:
     real_node_images: dict[str, images.Image] | None = None
     cluster: LocalCluster = field(init=False)
     agent: NodeAgent | None = field(init=False, default=None)
+    # EKS's pod identity webhook: IRSA and Pod Identity for every pod (``associate`` on it).
+    identity_webhook: IdentityWebhook | None = field(init=False, default=None)
     api: client.ApiClient | None = field(init=False, default=None)
     real_node: RealNode | None = field(init=False, default=None)
 
@@ -84,6 +87,8 @@ class SimulatedCluster:
                 self.real_node.prepare()
             self.cluster.start()
             self.api = config.new_client_from_config(str(self.kubeconfig))
+            self.identity_webhook = IdentityWebhook(self.cluster)  # before any pod is created
+            self.identity_webhook.start()
             self.add_nodes(self.nodes, taints=self.taints)
             assert self.cluster.workdir is not None
             host = self.cluster.advertise_address or "127.0.0.1"
@@ -176,4 +181,7 @@ class SimulatedCluster:
         if self.agent is not None:
             self.agent.stop()
             self.agent = None
+        if self.identity_webhook is not None:
+            self.identity_webhook.stop()
+            self.identity_webhook = None
         self.cluster.stop()

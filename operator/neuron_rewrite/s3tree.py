@@ -69,6 +69,9 @@ def open_s3(uri: str) -> S3Path:
     prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
     config = Config(retries={"max_attempts": ATTEMPTS, "mode": "standard"}, max_pool_connections=PARTS_IN_FLIGHT + 2)
     client = boto3.client("s3", config=config)
+    region = boto3.session.Session().region_name
+    if region:
+        client.meta.events.register_first("needs-retry.s3", _refuse_other_regions(uri, region))
     sizes: dict[str, int] = {}
     try:
         pages = list(client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix))
@@ -78,7 +81,11 @@ def open_s3(uri: str) -> S3Path:
         # A refusal is final; a server error (500, 503 SlowDown) that outlasted botocore's retries may pass: exit 1,
         # which the Job may run again.
         failure = RewriteError if status >= 500 else InvalidModelError
-        raise failure(f"{uri}: {error.get('Code')}: {error.get('Message')}") from None
+        words = f"{error.get('Code')}: {error.get('Message')}"
+        if exc.operation_name == "AssumeRoleWithWebIdentity":  # IRSA: STS refused the pod's token for the role
+            role = os.environ.get("AWS_ROLE_ARN", "")
+            raise failure(f"{uri}: STS refused the web identity for {role}: {words}") from None
+        raise failure(f"{uri}: {words}") from None
     except BotoCoreError as exc:  # no credentials yet, an endpoint not reachable: may pass, exit 1
         raise RewriteError(f"{uri}: {exc}") from None
     for page in pages:
@@ -91,6 +98,27 @@ def open_s3(uri: str) -> S3Path:
     if not sizes:
         raise InvalidModelError(f"{uri}: no object under this prefix")
     return S3Path(_Listing(bucket, prefix, sizes, client), "")
+
+
+def _refuse_other_regions(uri: str, region: str) -> Any:
+    """A botocore hook that fails the call when S3 answers that the bucket is in another region than ``region``.
+
+    Without it botocore would send the request again, signed for the bucket's region, and read the model across
+    regions (slower, billed as transfer, and out of reach from a VPC whose S3 endpoint is regional) while the
+    configured region says otherwise: a region given is a region kept, and S3's refusal is the message.
+    """
+
+    def refuse(response: Any = None, **_: Any) -> None:
+        if response is None:
+            return
+        http, parsed = response
+        error = parsed.get("Error") or {}
+        found = http.headers.get("x-amz-bucket-region") or error.get("Region")
+        if http.status_code >= 300 and found and found != region:
+            words = f"{error.get('Code') or http.status_code}: {error.get('Message') or 'moved'}"
+            raise InvalidModelError(f"{uri}: {words} (the bucket is in {found}, not in the configured region {region})")
+
+    return refuse
 
 
 class S3Path:

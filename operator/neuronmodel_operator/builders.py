@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,8 +70,24 @@ CLEANUP_RESOURCES = {
 # multi-GiB Neuron image and the model's load (up to the startup timeout) all come first. The progress deadline is
 # the startup timeout plus this margin, so a healthy load is never reported ProgressDeadlineExceeded.
 PROGRESS_MARGIN_SECONDS = 300
+S3_REGION_ENV = ("AWS_DEFAULT_REGION", "AWS_REGION")
+S3_ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"
+S3_ENV = [*S3_REGION_ENV, S3_ENDPOINT_ENV]  # set from spec.source.s3 only: spec.rewrite.env may not name them
 CLEANUP_COMPONENT = "store-cleanup"  # the component label of the store clean-up Jobs
-DRAIN_SECONDS = 5  # how long a stopping serving pod keeps answering (preStop), well inside the 30 s grace period
+# How a stopping serving pod drains. A terminating pod leaves the Service's endpoints, then kube-proxy's rules, within
+# ROUTING_SECONDS; but a gRPC client keeps its one HTTP/2 connection for as long as the connection lives, and kube-proxy
+# never cuts an established one, so routing alone drains no gRPC client. The server's own gRPC core ends each
+# connection at CONNECTION_AGE_MS (+10% jitter) with a GOAWAY, which clients follow by reconnecting (through the
+# Service, to a pod that is not stopping) while the calls in flight get CONNECTION_GRACE_MS to finish. TF Serving
+# exits at SIGTERM without a GOAWAY of its own, so the kubelet holds the SIGTERM back (preStop sleep) until the last
+# connection opened before routing changed has been ended.
+ROUTING_SECONDS = 5
+CONNECTION_AGE_MS = 5000
+CONNECTION_GRACE_MS = 5000
+DRAIN_SECONDS = ROUTING_SECONDS + math.ceil((1.1 * CONNECTION_AGE_MS + CONNECTION_GRACE_MS) / 1000)  # 16
+GRPC_CHANNEL_ARGUMENTS = (
+    f"grpc.max_connection_age_ms={CONNECTION_AGE_MS},grpc.max_connection_age_grace_ms={CONNECTION_GRACE_MS}"
+)
 # The exit codes by which tf-neuron-auto-multicore refuses the model or its arguments (neuron_rewrite.errors;
 # archive and S3 refusals are InvalidModelError): running it again cannot help, so they fail the Job at once.
 # Exit code 1 (an I/O failure, a broken transfer) may pass, and counts against backoffLimit.
@@ -178,7 +195,7 @@ def rewrite_job(model: Model, config: OperatorConfig) -> dict[str, Any]:
     image = model.rewrite_image(config)
     source = spec["source"]
     volumes: list[dict[str, Any]] = []  # the store's is _store_job's
-    env: list[dict[str, str]] = []
+    env: list[dict[str, Any]] = list(rewrite.get("env") or [])  # never one of S3_ENV (the CRD's rule)
     mounts = [
         # The whole claim: the kubelet creates a missing subPath directory as root, which the Job (non-root)
         # could not write into on a hostPath, NFS or static EFS volume. The rewrite creates the directories.
@@ -196,9 +213,9 @@ def rewrite_job(model: Model, config: OperatorConfig) -> dict[str, Any]:
         if source["s3"].get("region"):
             # botocore reads AWS_DEFAULT_REGION, not AWS_REGION; set both, since both win over what EKS's pod
             # identity webhook would inject (the cluster's region).
-            env += [{"name": n, "value": source["s3"]["region"]} for n in ("AWS_DEFAULT_REGION", "AWS_REGION")]
+            env += [{"name": n, "value": source["s3"]["region"]} for n in S3_REGION_ENV]
         if source["s3"].get("endpointUrl"):
-            env.append({"name": "AWS_ENDPOINT_URL_S3", "value": source["s3"]["endpointUrl"]})
+            env.append({"name": S3_ENDPOINT_ENV, "value": source["s3"]["endpointUrl"]})
     else:
         # Unpacked by the rewrite as it downloads, beside its output in the store: no scratch volume either.
         model_dir = source["http"]["url"]
@@ -357,6 +374,7 @@ def serving_deployment(model: Model, config: OperatorConfig, rewrite_id: str) ->
         # Every served base path is immutable (a new rewrite gets a new one and a rollout), so the server loads it
         # once and never polls: nothing done to the store later can unload a model that serves.
         "--file_system_poll_wait_seconds=0",
+        f"--grpc_channel_arguments={GRPC_CHANNEL_ARGUMENTS}",
     ]
     mounts = [
         {"name": "models", "mountPath": base_path, "subPath": model.rewrite_path(rewrite_id), "readOnly": True},
@@ -425,10 +443,8 @@ def serving_deployment(model: Model, config: OperatorConfig, rewrite_id: str) ->
         "livenessProbe": _over(
             {"tcpSocket": {"port": "grpc"}, "periodSeconds": 10, "failureThreshold": 6}, probes.get("liveness")
         ),
-        # A terminating pod leaves the Service's endpoints, and then kube-proxy's rules, a moment after it is told to
-        # stop; TF Serving exits at SIGTERM, so requests routed in that moment would fail. The kubelet waits this
-        # long before the SIGTERM: its own sleep action, so the image needs no sleep binary (the CRD's minimum grace
-        # period of 6 s keeps it valid, the apiserver refuses a sleep longer than the grace period).
+        # The drain (DRAIN_SECONDS above) as the kubelet's own sleep action, so the image needs no sleep binary (the
+        # CRD's minimum grace period keeps it valid: the apiserver refuses a sleep longer than the grace period).
         "lifecycle": {"preStop": {"sleep": {"seconds": DRAIN_SECONDS}}},
         "volumeMounts": mounts,
         "securityContext": _over(CONTAINER_SECURITY, serving.get("securityContext")),

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from localcluster.identitywebhook import AWS_REGION
 from localcluster.nodes import INSTANCE_TYPES, NEURON_TAINT, NEURONCORE, node_manifest, node_status
 from localcluster.pytest_plugin import wait_for
 from localcluster.simcluster import SimulatedCluster
@@ -327,7 +328,8 @@ def test_read_only_root_filesystem_leaves_home_and_working_directory_unwritable(
 def test_irsa_pods_get_the_clusters_region_unless_they_set_one(
     cluster: SimulatedCluster, namespace: str, tmp_path: Path
 ) -> None:
-    """As EKS's pod identity webhook: AWS_REGION and AWS_DEFAULT_REGION only into a container that sets neither."""
+    """EKS's pod identity webhook (the real one, beside the apiserver): AWS_REGION and AWS_DEFAULT_REGION only into a
+    container that sets neither, and the role into each, which the node agent's process sees."""
     core = client.CoreV1Api(cluster.api)
     account = {"metadata": {"name": "reader", "annotations": {"eks.amazonaws.com/role-arn": IRSA_ROLE}}}
     core.create_namespaced_service_account(namespace, account)
@@ -351,7 +353,7 @@ def test_irsa_pods_get_the_clusters_region_unless_they_set_one(
         core.create_namespaced_pod(namespace, spec)
     for name in cases:
         assert finished(core, namespace, name).exit_code == 0
-    region = "us-west-2"  # NodeAgent.aws_region, by default the region of the tests' S3 (tests/operator/s3.py)
+    region = AWS_REGION  # the webhook's --aws-default-region, the region of the tests' S3 (tests/operator/s3.py)
     assert (out / "plain").read_text() == f"{IRSA_ROLE},{region},{region}\n"
     assert (out / "own-region").read_text() == f"{IRSA_ROLE},eu-west-1,\n"
     assert (out / "own-default-region").read_text() == f"{IRSA_ROLE},,ap-south-1\n"
@@ -454,6 +456,8 @@ def test_teardown_leaves_no_process_behind() -> None:
     with SimulatedCluster(nodes={"inf2.xlarge": 1}) as simcluster:
         pids = simcluster.cluster.pids()
         assert len(pids) == 4
+        assert simcluster.identity_webhook is not None and simcluster.identity_webhook.process is not None
+        pids.append(simcluster.identity_webhook.process.popen.pid)
         workdir = simcluster.cluster.workdir
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), f"process {pid} still running"

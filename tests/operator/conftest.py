@@ -16,7 +16,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from localcluster import s3server
+from localcluster import awsidentity, s3server
 from localcluster.pytest_plugin import wait_for
 from localcluster.simcluster import SimulatedCluster
 from neuron_modelgen import Options, build_model
@@ -203,9 +203,16 @@ class LocalS3:
 
 @pytest.fixture(scope="session")
 def local_s3(cluster: SimulatedCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
-    """A local S3 and STS; the node agent points IRSA pods at it, as the pod identity webhook points them at AWS."""
+    """A local S3 and STS; the node agent points the pods EKS's pod identity webhook gave an identity at it, as their
+    node's network would reach AWS. STS takes the cluster's service-account tokens for the roles the tests' service
+    accounts name, and only those."""
     log = tmp_path_factory.mktemp("s3") / "s3.log"
-    with s3server.running(log) as endpoint:
+    identity = awsidentity.Options(kubeconfig=cluster.kubeconfig)
+    with s3server.running(log, identity=identity) as endpoint:
+        awsidentity.trust(
+            endpoint, "arn:aws:iam::111122223333:role/neuron-model-reader", "system:serviceaccount:*:model-reader"
+        )
+        awsidentity.trust(endpoint, "arn:aws:iam::1:role/r", "system:serviceaccount:*:reader")
         assert cluster.agent is not None
         cluster.agent.aws_env.update({"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ENDPOINT_URL_STS": endpoint})
         yield LocalS3(endpoint, log)

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from unit_helpers import DNS1123_LABEL, NAMESPACE, REWRITE_IMAGE, SERVING_IMAGE, make_model, make_spec
 
+from conftest import CRD
 from neuron_rewrite import InvalidModelError, OutputError, RewriteError, UsageError, cli, store
 from neuronmodel_operator import builders
 from neuronmodel_operator.builders import (
@@ -131,6 +133,20 @@ def test_rewrite_job_for_an_s3_source_reads_it_in_place() -> None:
     ]
     assert pod_spec(job)["serviceAccountName"] == "model-reader"
     assert pod_spec(job)["imagePullSecrets"] == [{"name": "ecr"}]
+
+
+def test_rewrite_job_takes_the_specs_env_before_the_s3_settings() -> None:
+    extra = [
+        {"name": "AWS_ENDPOINT_URL_STS", "value": "https://vpce-1.sts.us-west-2.vpce.amazonaws.com"},
+        {"name": "HTTPS_PROXY", "valueFrom": {"secretKeyRef": {"name": "proxy", "key": "url"}}},
+    ]
+    source = {"s3": {"uri": "s3://models/resnet50/", "region": "eu-west-1"}}
+    job = rewrite_job(make_model(source=source, rewrite={"env": extra}), CONFIG)
+    assert container(job, "rewrite")["env"] == [
+        *extra,
+        {"name": "AWS_DEFAULT_REGION", "value": "eu-west-1"},
+        {"name": "AWS_REGION", "value": "eu-west-1"},
+    ]
 
 
 def test_rewrite_job_s3_without_region_sets_no_env() -> None:
@@ -314,6 +330,7 @@ def test_deployment_serves_the_rewrite_read_only() -> None:
         "--model_name=resnet",
         "--model_base_path=/models/resnet",
         "--file_system_poll_wait_seconds=0",
+        "--grpc_channel_arguments=grpc.max_connection_age_ms=5000,grpc.max_connection_age_grace_ms=5000",
         "--monitoring_config_file=/etc/tfserving/monitoring/monitoring.config",
     ]
     models = mount(dep, "tfserving", "models")
@@ -339,10 +356,19 @@ def test_deployment_probes() -> None:
     assert {p["name"]: p["containerPort"] for p in server["ports"]} == {"grpc": 8500, "http": 8501}
 
 
-def test_a_stopping_serving_pod_keeps_answering_until_kube_proxy_has_dropped_it() -> None:
+def test_a_stopping_serving_pod_keeps_answering_until_its_grpc_connections_are_ended() -> None:
     server = container(deployment(make_model()), "tfserving")
+    # gRPC's core ends each connection 5 s (+10%) after it opened, then gives its calls 5 s: every connection opened
+    # before kube-proxy stopped routing to the pod (5 s) is gone before the SIGTERM, 5 + 5.5 + 5 s later.
+    assert (
+        "--grpc_channel_arguments=grpc.max_connection_age_ms=5000,grpc.max_connection_age_grace_ms=5000"
+        in (server["args"])
+    )
     # The kubelet's own sleep: no sleep binary needed in the serving image.
-    assert server["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
+    assert server["lifecycle"]["preStop"] == {"sleep": {"seconds": 16}}
+    schema = yaml.safe_load(CRD.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    grace = schema["properties"]["spec"]["properties"]["serving"]["properties"]["terminationGracePeriodSeconds"]
+    assert grace["minimum"] == 17  # the apiserver refuses a preStop sleep as long as the grace period
 
 
 def test_deployment_startup_probe_follows_the_startup_timeout() -> None:

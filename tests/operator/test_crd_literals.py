@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import CRD
-from neuronmodel_operator.builders import SERVER_CONTAINER, SERVING_MOUNT_PATHS, SERVING_VOLUMES
+from neuronmodel_operator.builders import S3_ENV, SERVER_CONTAINER, SERVING_MOUNT_PATHS, SERVING_VOLUMES
 from neuronmodel_operator.instances import INSTANCE_TYPE_LABELS, NEURONCORES_PER_NODE
 from neuronmodel_operator.naming import labels
 
@@ -47,6 +47,7 @@ def cel_literals(expression: str) -> list[Any]:
         ("spec.serving.podLabels", [OPERATOR_LABELS]),
         ("spec.serving.volumes.[]", [list(SERVING_VOLUMES)]),
         ("spec.serving.volumeMounts.[]", [list(SERVING_MOUNT_PATHS)]),
+        ("spec.rewrite.env", [S3_ENV]),
     ],
 )
 def test_the_rules_literals_are_the_operators_constants(path: str, constants: list[Any]) -> None:

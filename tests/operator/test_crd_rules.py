@@ -84,6 +84,18 @@ def mounted_at(path: str) -> dict[str, Any]:
             id="server-container-name",
         ),
         pytest.param(
+            {"rewrite": {"env": [{"name": "AWS_ENDPOINT_URL_STS", "value": "http://sts"}, {"name": "AWS_REGION"}]}},
+            "spec.rewrite.env: Invalid value: AWS_DEFAULT_REGION, AWS_REGION and AWS_ENDPOINT_URL_S3 are set from "
+            "spec.source.s3.region and spec.source.s3.endpointUrl, not here",
+            id="rewrite-env-of-the-s3-source",
+        ),
+        pytest.param(
+            serving(terminationGracePeriodSeconds=16),
+            "spec.serving.terminationGracePeriodSeconds: Invalid value: 16: spec.serving.terminationGracePeriodSeconds "
+            "in body should be greater than or equal to 17",
+            id="grace-shorter-than-the-drain",
+        ),
+        pytest.param(
             {"numCores": 4, "nodeSelector": {INSTANCE_TYPE: "inf2.xlarge"}},
             "spec.numCores: Invalid value: 4 NeuronCores per pod, but spec.nodeSelector pins the pods to inf2.xlarge "
             "(2 NeuronCores per node): no such node can ever run them",
@@ -124,7 +136,9 @@ def test_a_spec_next_to_every_rule_is_accepted_and_served_as_written(env: Env, m
             ],
             podLabels={"team": "search", "app.kubernetes.io/part-of": "search"},
             sidecars=[{"name": "logs", "image": "fluent/fluent-bit:3.0"}],
+            terminationGracePeriodSeconds=17,
         ),
+        rewrite={"env": [{"name": "AWS_ENDPOINT_URL_STS", "value": "https://vpce-1.sts.us-west-2.vpce.amazonaws.com"}]},
     )
     result = env.apply(manifest)
     assert result.returncode == 0, result.stderr
@@ -139,6 +153,11 @@ def test_a_spec_next_to_every_rule_is_accepted_and_served_as_written(env: Env, m
     assert [m.mount_path for m in template.spec.containers[0].volume_mounts][-2:] == [
         "/tmpfiles/",
         "/etc/tfserving-warmup",
+    ]
+    assert template.spec.termination_grace_period_seconds == 17
+    (job,) = env.batch.list_namespaced_job(env.namespace, label_selector="app.kubernetes.io/component=rewrite").items
+    assert [(e.name, e.value) for e in job.spec.template.spec.containers[0].env] == [
+        ("AWS_ENDPOINT_URL_STS", "https://vpce-1.sts.us-west-2.vpce.amazonaws.com")
     ]
 
 

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from s3 import upload_tree
 
 from conftest import GROUP, PLURAL, VERSION, Env, LocalS3, neuron_model, serving_pods, wait_for
-from localcluster.s3server import refusals
+from localcluster.s3server import refusals, upload_tree
 
 pytestmark = pytest.mark.cluster
 

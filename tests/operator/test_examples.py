@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from s3 import upload_tree
 
 from conftest import REPO, Env, LocalS3, wait_for
-from localcluster.s3server import refusals
+from localcluster.s3server import refusals, upload_tree
 
 pytestmark = pytest.mark.cluster
 EXAMPLES = REPO / "examples"

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from s3 import REGION, clean_aws_env, upload_tree
+from s3 import clean_aws_env
 
 from localcluster import s3server
-from localcluster.s3server import REFUSED, refusals
+from localcluster.s3server import REFUSED, REGION, refusals, upload_tree
 from neuron_rewrite import InvalidModelError, NotReplicableError, rewrite_model
 from synthetic_models import saved_model, tree_digest, write_model
 
@@ -139,3 +139,21 @@ def test_the_bucket_is_read_in_the_region_aws_default_region_names(
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     rewrite_model("s3://eu-models/resnet", tmp_path / "again", 2)
     assert refusals(log)[before:] == [f"{REFUSED} GET /eu-models: signed for us-east-1, bucket in eu-west-1"]
+
+
+def test_a_bucket_in_another_region_than_the_configured_one_is_refused_in_s3s_words(
+    server: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A region given (spec.source.s3.region, or the cluster's from the pod identity webhook) is kept: botocore is
+    not let to re-send the request to the bucket's region, and S3's refusal is what the model's status says."""
+    endpoint, models = server
+    upload_tree(endpoint, "far-models", "resnet/", models / "resnet", region="eu-west-1")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-west-2")
+    with pytest.raises(InvalidModelError) as refused:
+        rewrite_model("s3://far-models/resnet", tmp_path / "out", 2)
+    assert str(refused.value) == (
+        "s3://far-models/resnet: AuthorizationHeaderMalformed: The authorization header is malformed; the region "
+        "'us-west-2' is wrong; expecting 'eu-west-1' (the bucket is in eu-west-1, not in the configured region "
+        "us-west-2)"
+    )
+    assert not (tmp_path / "out").exists()

@@ -19,19 +19,21 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
-from s3 import clean_aws_env, client
+from s3 import SigningKey, clean_aws_env
 
-from localcluster import s3server
+from localcluster import awsidentity, s3server
+from localcluster.s3server import client
 
 BUCKET, BUCKET_REGION = "eu-models", "eu-west-1"
 KEY, BODY = "bert/saved_model.pb", b"\x08\x01"
+ISSUER_KEY = SigningKey()  # the service-account key of the cluster whose tokens the server's STS takes
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """(endpoint, log) of a server holding one object in a bucket of BUCKET_REGION."""
     log = tmp_path_factory.mktemp("s3") / "s3.log"
-    with s3server.running(log) as endpoint:
+    with s3server.running(log, identity=awsidentity.Options(jwks=ISSUER_KEY.jwks)) as endpoint:
         s3 = client(endpoint, BUCKET_REGION)
         s3.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": BUCKET_REGION})
         s3.put_object(Bucket=BUCKET, Key=KEY, Body=BODY)
@@ -169,8 +171,9 @@ def test_irsa_web_identity_goes_through_the_local_sts(
 ) -> None:
     endpoint, log = server
     clean_aws_env(monkeypatch, tmp_path)
+    awsidentity.trust(endpoint, "arn:aws:iam::111122223333:role/neuron-model-reader", "system:serviceaccount:*:reader")
     token = tmp_path / "token"
-    token.write_text("simulated-token")  # moto's STS does not verify it
+    token.write_text(ISSUER_KEY.token(namespace="models", service_account="reader"))
     for name, value in {
         "AWS_ROLE_ARN": "arn:aws:iam::111122223333:role/neuron-model-reader",
         "AWS_WEB_IDENTITY_TOKEN_FILE": str(token),

@@ -23,17 +23,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
+import tensorflow as tf
 import yaml
 from kubernetes import client
+from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
-from localcluster import realnode
+from localcluster import awsidentity, realnode, s3server
 from localcluster.helm import helm, install_operator
 from localcluster.httpserver import serving
 from localcluster.images import Image
 from localcluster.pytest_plugin import wait_for
 from localcluster.realnode import example_on_real_node
+from localcluster.s3server import upload_tree
 from localcluster.simcluster import RESTRICTED_PODS, SimulatedCluster
 from neuron_modelgen import Options, build_model, deneuronized_copy, run_serving_default, sample_input
 from neuronmodel_operator.naming import MODEL_LABEL, model_label
@@ -88,6 +92,10 @@ class Deployment:
     def operator_pod(self) -> Any:
         pods = [p for p in self.pods(f"app.kubernetes.io/instance={self.release}") if not p.metadata.deletion_timestamp]
         return pods[0] if len(pods) == 1 and _ready(pods[0]) else None
+
+    def grpc_target(self, name: str = MODEL) -> str:
+        """The model's Service, port grpc: where TF Serving's gRPC clients connect."""
+        return f"{self.core.read_namespaced_service(name, self.namespace).spec.cluster_ip}:8500"
 
     def predict_url(self, name: str = MODEL, served_as: str = MODEL) -> str:
         service = self.core.read_namespaced_service(name, self.namespace)
@@ -168,6 +176,65 @@ class Traffic(threading.Thread):
         self.join(30)
 
 
+class GrpcClient:
+    """A TF Serving gRPC client as AWS's Neuron tutorials write one: one channel, kept open, for every call."""
+
+    def __init__(self, target: str) -> None:
+        self.channel = grpc.insecure_channel(target)
+        self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+
+    def input_name(self, model: str = MODEL) -> str:
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        request.model_spec.name = model
+        answer = self.stub.GetModelMetadata(request, timeout=10)
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        answer.metadata["signature_def"].Unpack(signatures)
+        (name,) = signatures.signature_def["serving_default"].inputs
+        return name
+
+    def predict(self, x: np.ndarray, input_name: str, model: str = MODEL) -> dict[str, np.ndarray]:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model
+        request.model_spec.signature_name = "serving_default"
+        request.inputs[input_name].CopyFrom(tf.make_tensor_proto(x))
+        answer = self.stub.Predict(request, timeout=10)
+        return {key: tf.make_ndarray(value) for key, value in answer.outputs.items()}
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class GrpcTraffic(threading.Thread):
+    """A steady gRPC client: one channel for its whole life, one call at a time, counted. No retry of its own: a call
+    gRPC could not retry transparently (UNAVAILABLE before it was sent) counts as lost."""
+
+    def __init__(self, target: str, x: np.ndarray, expected: np.ndarray) -> None:
+        super().__init__(daemon=True)
+        self.client = GrpcClient(target)
+        self.x, self.expected = x, expected
+        self.input = self.client.input_name()
+        self.ok = 0
+        self.failures: list[str] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                (answer,) = self.client.predict(self.x, self.input).values()
+                if np.allclose(answer, self.expected, atol=1e-5):
+                    self.ok += 1
+                else:
+                    self.failures.append(f"wrong answer {answer.tolist()}")
+            except grpc.RpcError as exc:
+                self.failures.append(f"{time.strftime('%H:%M:%S')} {exc.code().name}: {exc.details()}")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(30)
+        self.client.close()
+
+
 def test_the_chart_runs_the_operator_image_as_a_real_non_root_pod(deployed: Deployment, real_node: str) -> None:
     pod = wait_for(deployed.operator_pod, what="the operator pod ready (the kubelet's probes pass)")
     assert pod.spec.node_name == real_node
@@ -198,6 +265,14 @@ def test_the_example_reaches_ready_on_the_real_node_and_answers_predict_through_
     assert len(_core_list(cores)) == 2  # the device plugin's allocation, which the stand-in checked the tags against
     x = sample_input(3)
     assert np.allclose(first_answer(deployed.predict_url(), x), deployed.expected["logits"], atol=1e-5)
+    # The same numbers over gRPC, through the Service's port 8500 (TF Serving's own protos, a TensorProto input).
+    client = GrpcClient(deployed.grpc_target())
+    try:
+        outputs = client.predict(x, client.input_name())
+    finally:
+        client.close()
+    assert outputs.keys() == {"logits"}
+    assert np.allclose(outputs["logits"], deployed.expected["logits"], atol=1e-5)
 
 
 def _core_list(cores: str) -> list[int]:
@@ -208,11 +283,20 @@ def _core_list(cores: str) -> list[int]:
     return out
 
 
-def test_scaling_and_a_numcores_change_under_steady_traffic_lose_no_request(deployed: Deployment) -> None:
+GRPC_CLIENTS = 4
+
+
+def test_scaling_and_a_numcores_change_under_steady_rest_and_grpc_traffic_lose_no_request(
+    deployed: Deployment,
+) -> None:
     deployed.wait_status(lambda s: s.get("phase") == "Ready", "the example Ready")
-    first_answer(deployed.predict_url(), sample_input(3))
-    traffic = Traffic(deployed.predict_url(), sample_input(3), deployed.expected["logits"])
-    traffic.start()
+    x, expected = sample_input(3), deployed.expected["logits"]
+    first_answer(deployed.predict_url(), x)
+    rest = Traffic(deployed.predict_url(), x, expected)
+    grpcs = [GrpcTraffic(deployed.grpc_target(), x, expected) for _ in range(GRPC_CLIENTS)]
+    clients = [rest, *grpcs]
+    for traffic in clients:
+        traffic.start()
     try:
         deployed.patch({"replicas": 2})
         deployed.wait_status(lambda s: s.get("phase") == "Ready" and s.get("readyReplicas") == 2, "2 replicas Ready")
@@ -224,14 +308,23 @@ def test_scaling_and_a_numcores_change_under_steady_traffic_lose_no_request(depl
             timeout=420,
         )
         assert status["rewrite"]["id"] != served_before
-        wait_for(lambda: len(deployed.serving_pods()) == 2, what="the old pods gone")
-        ok_at_change = traffic.ok
-        wait_for(lambda: traffic.ok > ok_at_change + 10, what="requests answered by the new pods")
+        wait_for(lambda: len(deployed.serving_pods()) == 2, timeout=120, what="the old pods gone")
+        # Scale 2 -> 1: the gRPC clients whose connection is on the pod that goes must move to the other one.
+        deployed.patch({"replicas": 1})
+        wait_for(lambda: len(deployed.serving_pods()) == 1, timeout=120, what="the second pod gone")
+        answered = [traffic.ok for traffic in clients]
+        wait_for(
+            lambda: all(t.ok > n + 10 for t, n in zip(clients, answered, strict=True)),
+            what="every client answered by the remaining pod",
+        )
     finally:
-        traffic.stop()
-    assert traffic.failures == [], f"{len(traffic.failures)} of {traffic.ok + len(traffic.failures)} lost"
-    assert traffic.ok > 50
-    print(f"{traffic.ok} predict requests answered through the scale and the numCores change, none lost")
+        for traffic in clients:
+            traffic.stop()
+    lost = {"REST": rest.failures, "gRPC": [f for t in grpcs for f in t.failures]}
+    counts = {"REST": rest.ok, "gRPC": sum(t.ok for t in grpcs)}
+    assert lost == {"REST": [], "gRPC": []}, f"lost {lost} of {counts} answered"
+    assert counts["REST"] > 50 and counts["gRPC"] > 200
+    print(f"answered through the scale up, the numCores change and the scale down, none lost: {counts}")
 
 
 def test_a_killed_serving_container_and_a_deleted_operator_pod_recover(deployed: Deployment) -> None:
@@ -258,14 +351,16 @@ def test_a_killed_serving_container_and_a_deleted_operator_pod_recover(deployed:
     )
     assert new.spec.node_name == old.spec.node_name
     # The new pod picks the work up where the old one left it: a change after the restart is served.
-    deployed.patch({"replicas": 1})
-    deployed.wait_status(lambda s: s.get("phase") == "Ready" and s.get("replicas") == 1, "scaled to 1 by the new pod")
+    deployed.patch({"replicas": 2})
+    deployed.wait_status(
+        lambda s: s.get("phase") == "Ready" and s.get("readyReplicas") == 2, "scaled to 2 by the new pod"
+    )
 
 
 def test_after_a_kubelet_restart_the_device_plugin_registers_again_and_new_pods_get_cores(
     deployed: Deployment, real_node: str
 ) -> None:
-    deployed.wait_status(lambda s: s.get("phase") == "Ready" and s.get("replicas") == 1, "the example Ready")
+    deployed.wait_status(lambda s: s.get("phase") == "Ready" and s.get("replicas") == 2, "the example Ready")
     node_api = deployed.core
     real = deployed.cluster.real_node
     assert real is not None
@@ -283,7 +378,13 @@ def test_after_a_kubelet_restart_the_device_plugin_registers_again_and_new_pods_
         what="the node's 12 NeuronCores advertised again",
     )
     # A pod admitted by the new kubelet gets its cores from the re-registered plugin, and serves.
-    deployed.patch({"replicas": 2})
+    before = {p.metadata.name for p in deployed.serving_pods()}
+    deployed.kubectl("delete", "pod", sorted(before)[0], "--wait=false")
+    wait_for(
+        lambda: any(p.metadata.name not in before and _ready(p) for p in deployed.serving_pods()),
+        timeout=180,
+        what="the replacement pod ready",
+    )
     deployed.wait_status(lambda s: s.get("phase") == "Ready" and s.get("readyReplicas") == 2, "2 replicas Ready")
     assert np.allclose(first_answer(deployed.predict_url(), sample_input(3)), deployed.expected["logits"], atol=1e-5)
 
@@ -414,3 +515,136 @@ def test_an_http_archive_source_is_unpacked_by_the_rewrite_image_and_served(depl
     answer = first_answer(deployed.predict_url("fromweb", served_as="fromweb"), sample_input(3))
     assert np.allclose(answer, deployed.expected["logits"], atol=1e-5)
     deployed.kubectl("delete", "neuronmodel", "fromweb", "--wait=true")
+
+
+# S3 through the identities EKS gives pods. The local S3 and STS listen on the pod bridge's gateway (reachable from
+# the real node's pods and this machine only), the EKS Pod Identity Agent on its link-local address, added to the
+# bridge as EKS adds it to each node. The STS and the agent take only tokens the apiserver signed (its issuer's keys)
+# for the right audience, and S3 only the credentials they handed out. EKS's pod identity webhook injects the
+# variables and the token volumes, as on EKS.
+ROLE = "arn:aws:iam::111122223333:role/neuron-model-reader"  # examples/s3-irsa.yaml's
+AGENT = "169.254.170.23"  # where EKS's Pod Identity Agent answers on every node
+BUCKET, FAR_BUCKET = "my-neuron-models", "eu-neuron-models"
+
+
+@dataclass(frozen=True)
+class Aws:
+    endpoint: str
+    log: Path
+
+    def logged(self, event: str) -> list[str]:
+        return [line for line in self.log.read_text().splitlines() if line.startswith(event)]
+
+
+@pytest.fixture(scope="module")
+def aws(deployed: Deployment, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Aws]:
+    log = tmp_path_factory.mktemp("aws") / "s3.log"
+    identity = awsidentity.Options(kubeconfig=deployed.cluster.kubeconfig, agent=(AGENT, 80))
+    with realnode.bridge_address(AGENT), s3server.running(log, host=realnode.GATEWAY, identity=identity) as endpoint:
+        upload_tree(endpoint, BUCKET, f"{MODEL}/", deployed.sources / MODEL)
+        upload_tree(endpoint, FAR_BUCKET, f"{MODEL}/", deployed.sources / MODEL, region="eu-west-1")
+        awsidentity.trust(endpoint, ROLE, f"system:serviceaccount:{deployed.namespace}:model-reader")
+        yield Aws(endpoint, log)
+
+
+def s3_example(deployed: Deployment, aws: Aws, name: str, account: str, **source: str) -> dict[str, Any]:
+    """examples/s3-irsa.yaml's NeuronModel on the real node, named ``name``, as ``account``, one replica; the S3 and
+    STS endpoints are the local ones (a cluster without internet access sets an STS VPC endpoint the same way)."""
+    _, model = yaml.safe_load_all((REPO / "examples" / "s3-irsa.yaml").read_text())
+    manifest = example_on_real_node(yaml.safe_dump(model))
+    manifest["metadata"]["name"] = name
+    manifest["spec"] |= {"serviceAccountName": account, "replicas": 1}
+    manifest["spec"]["source"]["s3"] |= {"endpointUrl": aws.endpoint, **source}
+    manifest["spec"]["rewrite"] = {"env": [{"name": "AWS_ENDPOINT_URL_STS", "value": aws.endpoint}]}
+    return manifest
+
+
+def service_account(deployed: Deployment, name: str, role: str | None = None) -> None:
+    annotations = {"eks.amazonaws.com/role-arn": role} if role else {}
+    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "annotations": annotations}}
+    deployed.kubectl("apply", "-f", "-", input=yaml.safe_dump(account))
+
+
+def rewrite_env(deployed: Deployment, name: str) -> dict[str, str]:
+    (pod, *_) = deployed.pods(f"{MODEL_LABEL}={model_label(name)},app.kubernetes.io/component=rewrite")
+    assert pod.spec.node_name == realnode.NODE_NAME
+    return {e.name: e.value for e in pod.spec.containers[0].env or []}
+
+
+def test_the_s3_irsa_example_reaches_ready_on_the_real_node_through_irsa(deployed: Deployment, aws: Aws) -> None:
+    account, _ = yaml.safe_load_all((REPO / "examples" / "s3-irsa.yaml").read_text())
+    deployed.kubectl("apply", "-f", "-", input=yaml.safe_dump(account))  # the example's, with its role annotation
+    deployed.kubectl("apply", "-f", "-", input=yaml.safe_dump(s3_example(deployed, aws, "irsa", "model-reader")))
+    deployed.wait_status(lambda s: s.get("phase") == "Ready", "the IRSA model Ready", name="irsa")
+    # What the webhook injected, and what the STS and S3 saw: the apiserver's token exchanged for the role's keys.
+    env = rewrite_env(deployed, "irsa")
+    assert env["AWS_ROLE_ARN"] == ROLE
+    assert env["AWS_WEB_IDENTITY_TOKEN_FILE"] == "/var/run/secrets/eks.amazonaws.com/serviceaccount/token"
+    issued = aws.logged("sts issued")
+    assert any(f"subject=system:serviceaccount:{deployed.namespace}:model-reader" in line for line in issued), issued
+    answer = first_answer(deployed.predict_url("irsa", served_as="irsa"), sample_input(3))
+    assert np.allclose(answer, deployed.expected["logits"], atol=1e-5)
+    deployed.kubectl("delete", "neuronmodel", "irsa", "--wait=true")
+
+
+def test_an_s3_model_reaches_ready_on_the_real_node_through_eks_pod_identity(deployed: Deployment, aws: Aws) -> None:
+    service_account(deployed, "pod-identity-reader")
+    awsidentity.associate(aws.endpoint, deployed.namespace, "pod-identity-reader", ROLE)
+    webhook = deployed.cluster.identity_webhook
+    assert webhook is not None
+    webhook.associate(deployed.namespace, "pod-identity-reader")  # as create-pod-identity-association makes EKS do
+    manifest = s3_example(deployed, aws, "podidentity", "pod-identity-reader")
+    deployed.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+    deployed.wait_status(lambda s: s.get("phase") == "Ready", "the Pod Identity model Ready", name="podidentity")
+    env = rewrite_env(deployed, "podidentity")
+    assert env["AWS_CONTAINER_CREDENTIALS_FULL_URI"] == f"http://{AGENT}/v1/credentials"
+    assert "AWS_ROLE_ARN" not in env
+    issued = aws.logged("pod identity agent issued")
+    assert any("service_account=pod-identity-reader" in line for line in issued), issued
+    answer = first_answer(deployed.predict_url("podidentity", served_as="podidentity"), sample_input(3))
+    assert np.allclose(answer, deployed.expected["logits"], atol=1e-5)
+    deployed.kubectl("delete", "neuronmodel", "podidentity", "--wait=true")
+
+
+@pytest.mark.parametrize(
+    ("account", "role", "source", "refusal"),
+    [
+        pytest.param(
+            "model-reader-elsewhere",
+            "arn:aws:iam::111122223333:role/someone-elses-reader",
+            {},
+            "STS refused the web identity for arn:aws:iam::111122223333:role/someone-elses-reader: AccessDenied: "
+            "Not authorized to perform sts:AssumeRoleWithWebIdentity",
+            id="a-role-that-does-not-trust-the-account",
+        ),
+        pytest.param(
+            "intruder",
+            ROLE,
+            {},
+            f"STS refused the web identity for {ROLE}: AccessDenied: Not authorized to perform "
+            "sts:AssumeRoleWithWebIdentity",
+            id="the-role-of-another-service-account",
+        ),
+        pytest.param(
+            "model-reader",
+            ROLE,
+            {"uri": f"s3://{FAR_BUCKET}/{MODEL}/"},
+            f"s3://{FAR_BUCKET}/{MODEL}/: AuthorizationHeaderMalformed: The authorization header is malformed; the "
+            "region 'us-west-2' is wrong; expecting 'eu-west-1' (the bucket is in eu-west-1, not in the configured "
+            "region us-west-2)",
+            id="a-bucket-in-another-region",
+        ),
+    ],
+)
+def test_what_sts_or_s3_refuses_is_told_in_the_models_status_in_their_words(
+    deployed: Deployment, aws: Aws, account: str, role: str, source: dict[str, str], refusal: str
+) -> None:
+    service_account(deployed, account, role)
+    name = f"refused-{account}"[:40]
+    deployed.kubectl("apply", "-f", "-", input=yaml.safe_dump(s3_example(deployed, aws, name, account, **source)))
+    status = deployed.wait_status(lambda s: s.get("phase") == "Failed", "the model Failed", name=name)
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["RewriteSucceeded"]["reason"] == "RewriteFailed"
+    assert refusal in conditions["RewriteSucceeded"]["message"], conditions["RewriteSucceeded"]
+    assert refusal in conditions["Ready"]["message"], conditions["Ready"]
+    deployed.kubectl("delete", "neuronmodel", name, "--wait=true")
