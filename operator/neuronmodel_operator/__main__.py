@@ -12,6 +12,8 @@ import time
 import kopf
 from kopf._cogs.clients.errors import APIError  # what Kopf's watch streams raise; kopf does not re-export it
 
+from .listen import liveness_endpoint
+
 RESTARTS = "NEURONMODEL_OPERATOR_RESTARTS"  # carried across the re-exec below, for its back-off
 
 
@@ -29,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         help="peering priority; the highest live replica works, the others wait (default: random, so that replicas "
         "differ: Kopf pauses every replica when the highest priority is shared)",
     )
-    parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint ('' for none)")
+    parser.add_argument(
+        "--liveness",
+        default="http://:8080/healthz",
+        help="liveness endpoint ('' for none); without a host, every address of the family of the pod's IP ($POD_IP)",
+    )
     parser.add_argument("--log-format", choices=("plain", "json"), default="plain")
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
@@ -52,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             peering_name=args.peering,
             priority=args.priority,
             identity=IDENTITY,
-            liveness_endpoint=args.liveness or None,
+            liveness_endpoint=liveness_endpoint(args.liveness, os.environ.get("POD_IP")) if args.liveness else None,
         )
     except APIError as exc:
         restart_after_api_failure(exc)

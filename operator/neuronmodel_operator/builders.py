@@ -525,7 +525,11 @@ def serving_service(model: Model) -> dict[str, Any]:
 
 def disruption_budget(model: Model, config: OperatorConfig) -> dict[str, Any] | None:
     """At most maxUnavailable serving pods evicted at once (node drains, Karpenter consolidation); none for a single
-    replica, where any budget would either allow its eviction anyway or block every drain of its node."""
+    replica, where any budget would either allow its eviction anyway or block every drain of its node.
+
+    Unready pods (crash-looping, a broken model) may always be evicted: they serve nothing, and under the default
+    policy they are evictable only while the rest is within the budget, so a few of them would stall every drain.
+    """
     budget = model.spec.get("disruptionBudget") or {}
     if not budget.get("enabled", config.disruption_budget) or model.spec.get("replicas", 1) <= 1:
         return None
@@ -538,7 +542,11 @@ def disruption_budget(model: Model, config: OperatorConfig) -> dict[str, Any] | 
             "apiVersion": "policy/v1",
             "kind": "PodDisruptionBudget",
             "metadata": _serving_metadata(model),
-            "spec": {"selector": {"matchLabels": selector(model.name)}, **limit},
+            "spec": {
+                "selector": {"matchLabels": selector(model.name)},
+                **limit,
+                "unhealthyPodEvictionPolicy": "AlwaysAllow",  # policy/v1, GA in Kubernetes 1.31
+            },
         }
     )
 

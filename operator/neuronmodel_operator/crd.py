@@ -10,15 +10,18 @@ from __future__ import annotations
 from kubernetes import client
 
 from .naming import GROUP
+from .reconcile import REQUEST_TIMEOUT
 
 CRD_NAME = f"neuronmodels.{GROUP}"
 DIGEST_ANNOTATION = f"{GROUP}/schema-digest"
-SCHEMA_DIGEST = "89e4e0914fd6"  # of crds/neuronmodel.yaml's spec; a unit test keeps the two equal
+SCHEMA_DIGEST = "ef67c5c71f43"  # of crds/neuronmodel.yaml's spec; a unit test keeps the two equal
 
 
 def stale_crd_message(api_client: client.ApiClient | None = None) -> str | None:
-    """None when the cluster's NeuronModel CRD is the one this operator ships with, else what to do about it."""
-    crd = client.ApiextensionsV1Api(api_client).read_custom_resource_definition(CRD_NAME)
+    """None when the cluster's NeuronModel CRD is the one this operator ships with, else what to do about it. With
+    the reconcile's timeouts: a hung connection at start would leave the operator not ready, saying nothing."""
+    api = client.ApiextensionsV1Api(api_client)
+    crd = api.read_custom_resource_definition(CRD_NAME, _request_timeout=REQUEST_TIMEOUT)
     installed = (crd.metadata.annotations or {}).get(DIGEST_ANNOTATION)
     if installed == SCHEMA_DIGEST:
         return None

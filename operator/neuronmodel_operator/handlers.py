@@ -76,7 +76,7 @@ def _wait_for_api_groups() -> dict[str, str]:
     installed yet, it would serve nothing and say nothing. So start only once the API serves them all. Returns
     each group's preferred group/version."""
     try:
-        groups = kubernetes.client.ApisApi().get_api_versions().groups
+        groups = kubernetes.client.ApisApi().get_api_versions(_request_timeout=REQUEST_TIMEOUT).groups
         served = {group.name: group.preferred_version.group_version for group in groups}
     except (ApiException, OSError, urllib3.exceptions.HTTPError) as exc:
         raise kopf.TemporaryError(f"the Kubernetes API is not reachable yet: {exc}", delay=2) from exc

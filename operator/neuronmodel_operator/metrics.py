@@ -5,13 +5,18 @@ Served on NEURONMODEL_METRICS_PORT (the chart sets it; unset, nothing listens), 
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from .listen import IPV6_ANY, dual_stack_host
 from .own_writes import ModelKey
 
 PHASES = ("Pending", "Rewriting", "Deploying", "Ready", "Idle", "Degraded", "Failed")
@@ -65,6 +70,29 @@ MODEL_PHASES = _Phases()
 REGISTRY.register(MODEL_PHASES)
 
 
-def serve(port: int) -> None:
-    """Expose the metrics on ``port`` (all addresses), in a daemon thread."""
-    start_http_server(port, registry=REGISTRY)
+class _DualStackServer(ThreadingWSGIServer):
+    """On ``::``, IPv4 too: prometheus_client's own server takes one family, and IPv6-only is the kernel's choice
+    (net.ipv6.bindv6only), not ours."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No log line for every scrape."""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def serve(port: int) -> WSGIServer:
+    """Expose the metrics on ``port`` of every address, IPv6 and IPv4 where the host has both, in a daemon thread.
+    Returns the server, to stop it."""
+    host = dual_stack_host()
+    server_class = _DualStackServer if host == IPV6_ANY else ThreadingWSGIServer
+    server = make_server(host, port, make_wsgi_app(REGISTRY), server_class, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
+    return server

@@ -11,6 +11,8 @@ MODEL_LABEL = f"{GROUP}/model"
 REWRITE_LABEL = f"{GROUP}/rewrite"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+# The Job controller's label on a Job's pods since Kubernetes 1.27; the bare `job-name` is the legacy one.
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 MANAGED_BY = "neuronmodel-operator"
 SPEC_HASH_ANNOTATION = f"{GROUP}/spec-hash"
 MAX_NAME = 63  # Services, and label values, allow no more

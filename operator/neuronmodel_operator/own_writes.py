@@ -62,9 +62,25 @@ def model_key(obj: dict[str, Any]) -> ModelKey:
 
 def _shows(seen: dict[str, Any], written: dict[str, Any]) -> bool:
     """Whether an indexed object is our write or newer: the same object at our write's resourceVersion or later
-    (the apiserver hands out etcd's revisions, in order; a hand edit after our write is newer and rules)."""
+    (a hand edit after our write is newer and rules)."""
     have, want = seen["metadata"], written["metadata"]
-    return have.get("uid") == want.get("uid") and int(have["resourceVersion"]) >= int(want["resourceVersion"])
+    return have.get("uid") == want.get("uid") and _same_or_later(have["resourceVersion"], want["resourceVersion"])
+
+
+def _same_or_later(have: str, want: str) -> bool:
+    """Whether resourceVersion ``have`` is ``want`` or later, for two versions of one object.
+
+    Kubernetes documents resourceVersion as opaque (equality only) before 1.35; from 1.35 (KEP-5504, Comparable
+    Resource Version, GA) kube-apiserver guarantees every type it serves, custom resources included, versions
+    "orderable as monotonically increasing integers within the same resource type" (kubernetes.io, API Concepts,
+    "Resource versions"). The chart requires 1.36. An aggregated API server need not keep that promise: a version
+    that is no decimal integer counts as unknown, not later, so our write stands in until ``ttl`` passes.
+    """
+    if have == want:
+        return True
+    if not (have.isdecimal() and want.isdecimal() and have.isascii() and want.isascii()):
+        return False
+    return int(have) > int(want)
 
 
 @dataclass

@@ -36,6 +36,7 @@ from .naming import (
     COMPONENT_LABEL,
     DELETED_CLEANUP_SUFFIX,
     GROUP,
+    JOB_NAME_LABEL,
     SPEC_HASH_ANNOTATION,
     cleanup_job_name,
     job_name,
@@ -132,7 +133,7 @@ class Children:
         self.pods = pods
 
     def pods_of_job(self, name: str | None) -> list[dict[str, Any]]:
-        return [p for p in self.pods if (p["metadata"].get("labels") or {}).get("job-name") == name]
+        return [p for p in self.pods if (p["metadata"].get("labels") or {}).get(JOB_NAME_LABEL) == name]
 
 
 @dataclass

@@ -168,7 +168,7 @@ def test_cluster_wide_install_gets_one_cluster_role_with_exactly_the_operators_v
     assert container["args"] == [
         "--all-namespaces",
         "--standalone",
-        "--liveness=http://0.0.0.0:8080/healthz",
+        "--liveness=http://:8080/healthz",
         "--log-format=plain",
     ]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
@@ -182,6 +182,8 @@ def test_cluster_wide_install_gets_one_cluster_role_with_exactly_the_operators_v
     assert (annotations["prometheus.io/scrape"], annotations["prometheus.io/port"]) == ("true", "9090")
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["NEURONMODEL_METRICS_PORT"] == "9090"
+    pod_ip = next(e for e in container["env"] if e["name"] == "POD_IP")  # the liveness endpoint's address family
+    assert pod_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert (env["NEURONMODEL_DISRUPTION_BUDGET"], env["NEURONMODEL_MAX_UNAVAILABLE"]) == ("true", "1")
     assert not of_kind(docs, "ServiceMonitor")  # only when asked for: it needs the Prometheus operator's CRD
     assert not of_kind(docs, "ClusterKopfPeering") and not of_kind(docs, "KopfPeering")
@@ -278,7 +280,7 @@ def test_values_reach_the_operator_as_the_settings_it_reads() -> None:
     )
     container = operator_container(docs)
     assert container["image"] == "123456789012.dkr.ecr.us-west-2.amazonaws.com/nmo:1.2.3"
-    assert container["args"][2:] == ["--liveness=http://0.0.0.0:9090/healthz", "--log-format=json", "--verbose"]
+    assert container["args"][2:] == ["--liveness=http://:9090/healthz", "--log-format=json", "--verbose"]
     env = env_of(container)
     assert env["NEURONMODEL_REWRITE_IMAGE"] == "registry.example/rewrite:0.1.0"  # tag: the chart's appVersion
     assert env["NEURONMODEL_SCHEDULER_NAME"] == "neuron-scheduler"

@@ -76,7 +76,7 @@ def available(status: dict) -> bool:
 
 
 def rewrite_pods(env: Env, job: str) -> list:
-    return env.core.list_namespaced_pod(env.namespace, label_selector=f"job-name={job}").items
+    return env.core.list_namespaced_pod(env.namespace, label_selector=f"batch.kubernetes.io/job-name={job}").items
 
 
 def assert_nothing_published(env: Env, status: dict) -> None:

@@ -282,3 +282,30 @@ def test_no_secret_value_reaches_logs_events_or_status(env: Env, models: dict[st
         json.dumps(env.apps.read_namespaced_deployment("secretive", env.namespace).to_dict(), default=str),
     ]
     assert all(secret_value not in text for text in seen)
+
+
+def test_kubectl_delete_all_leaves_the_model_and_its_store_alone(env: Env, models: dict[str, Path]) -> None:
+    """`kubectl delete all --all` is a common clean-up of a namespace's workloads: it must not delete the models
+    (a deleted model's clean-up Job would remove its rewrites from the store). It deletes the model's Deployment,
+    pods, Service and Job; the operator puts them back on the same rewrite, without running it again."""
+    env.hostpath_claim("compiled", models["resnet50"])
+    assert env.apply(neuron_model("kept", "compiled", cores=1, replicas=2)).returncode == 0
+    before = env.wait_phase("kept", "Ready")
+    rewrite = env.tmp / "store" / before["rewrite"]["path"]
+    deployment = env.apps.read_namespaced_deployment("kept", env.namespace).metadata.uid
+
+    deleted = env.cluster.cluster.kubectl("delete", "all", "--all", "-n", env.namespace)
+    assert "deployment.apps" in deleted.stdout and "neuronmodel" not in deleted.stdout, deleted.stdout
+
+    assert "deletionTimestamp" not in env.model("kept")["metadata"]
+
+    def recreated() -> bool:
+        found = env.apps.list_namespaced_deployment(env.namespace).items
+        return any(d.metadata.uid != deployment and d.status.ready_replicas == 2 for d in found)
+
+    wait_for(recreated, timeout=120, what="the Deployment recreated with 2 ready replicas")
+    after = env.wait_phase("kept", "Ready")
+    assert after["rewrite"]["path"] == before["rewrite"]["path"], after["rewrite"]
+    assert after["rewrite"]["publishedAt"] == before["rewrite"]["publishedAt"], after["rewrite"]
+    assert (rewrite / "1" / "saved_model.pb").is_file()
+    assert env.jobs() == [], [j.metadata.name for j in env.jobs()]  # no rewrite again, no clean-up of a deletion

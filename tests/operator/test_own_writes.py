@@ -151,3 +151,21 @@ def test_only_pod_counts_moving_is_told_apart_from_a_step() -> None:
     assert not _only_counts_moved(_status("Ready", "ModelServing", "2 of 2", 2), before)
     assert not _only_counts_moved(_status("Deploying", "Unschedulable", "pod x cannot be scheduled", 1), before)
     assert not _only_counts_moved({**counts, "servedVersion": 2}, before)
+
+
+def test_a_resource_version_that_is_no_integer_is_unknown_not_newer() -> None:
+    """Kubernetes guarantees integer resourceVersions only from 1.35 and only for kube-apiserver's own types: an
+    opaque one (an aggregated API server's) keeps our write standing in, until the ttl, instead of failing."""
+    clock = Clock()
+    own = OwnWrites(clock=clock)
+    ours = child("Service", "m", "u1")
+    ours["metadata"]["resourceVersion"] = "v1-opaque"
+    own.wrote(ours)
+    seen = child("Service", "m", "u1")
+    seen["metadata"]["resourceVersion"] = "v0-opaque"
+    assert own.children(KEY, "Service", [seen]) == [ours]
+    same = {**seen, "metadata": {**seen["metadata"], "resourceVersion": "v1-opaque"}}
+    assert own.children(KEY, "Service", [same]) == [same]  # equality is always meaningful
+    own.wrote(ours)
+    clock.t += 31
+    assert own.children(KEY, "Service", [seen]) == [seen]  # past the ttl the index rules

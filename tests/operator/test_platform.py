@@ -73,6 +73,36 @@ def test_the_budget_lets_a_drain_evict_one_serving_pod_at_a_time(env: Env, model
     assert len(env.jobs()) == 1
 
 
+def test_a_drain_evicts_unready_serving_pods_while_the_budget_keeps_the_ready_ones(
+    env: Env, models: dict[str, Path]
+) -> None:
+    """Unready serving pods (crash-looping, a broken model) must not stall a drain: under the apiserver's default
+    policy (IfHealthyBudget) they are evictable only while the model is otherwise within its budget, so two unready
+    pods of three would block every drain of their nodes. The budget still refuses evicting a ready pod."""
+    env.hostpath_claim("compiled", models["resnet50"])
+    assert env.apply(neuron_model("flaky", "compiled", cores=1, replicas=3)).returncode == 0
+    env.wait_phase("flaky", "Ready")
+    wait_for(lambda: allowed(env, "flaky") == 1, what="1 disruption allowed")
+    first, second, third = sorted(p.metadata.name for p in serving_pods(env, "flaky"))
+
+    # What the kubelet reports of a pod whose readiness probe fails (the node agent reports a status only when its
+    # check of the model changes, so this one stays).
+    unready = [
+        {"type": kind, "status": "False", "reason": "ReadinessProbeFailed"} for kind in ("Ready", "ContainersReady")
+    ]
+    for pod in (first, second):
+        env.core.patch_namespaced_pod_status(pod, env.namespace, {"status": {"conditions": unready}})
+    wait_for(lambda: ((budget(env, "flaky") or {}).get("status") or {}).get("currentHealthy") == 1, what="1 healthy")
+    assert allowed(env, "flaky") == 0
+
+    accepted, words = evict(env, third)
+    assert not accepted
+    assert "Cannot evict pod as it would violate the pod's disruption budget" in words, words
+    accepted, words = evict(env, first)
+    assert accepted, words
+    assert (budget(env, "flaky") or {})["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
 def test_an_hpa_scales_the_model_through_its_scale_subresource_without_a_rewrite(
     env: Env, models: dict[str, Path]
 ) -> None:

@@ -46,7 +46,9 @@ def test_a_model_the_rewrite_refuses_fails_at_once_with_one_pod_and_the_rewrites
     assert failed.reason == "PodFailurePolicy", failed
     assert failed.last_transition_time - job.metadata.creation_timestamp < JOB_BACKOFF
     assert job.status.failed == 1
-    (pod,) = env.core.list_namespaced_pod(env.namespace, label_selector=f"job-name={job.metadata.name}").items
+    (pod,) = env.core.list_namespaced_pod(
+        env.namespace, label_selector=f"batch.kubernetes.io/job-name={job.metadata.name}"
+    ).items
     assert pod.status.container_statuses[0].state.terminated.exit_code == 3  # InvalidModelError
 
     line = "not a SavedModel (no saved_model.pb) nor a TF Serving base path (no numbered version folder)"

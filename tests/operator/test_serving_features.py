@@ -188,7 +188,11 @@ def test_a_budget_of_one_unavailable_by_default_for_more_than_one_replica() -> N
     assert budget is not None
     assert (budget["apiVersion"], budget["kind"]) == ("policy/v1", "PodDisruptionBudget")
     assert budget["metadata"]["name"] == "resnet50"
-    assert budget["spec"] == {"selector": {"matchLabels": selector("resnet50")}, "maxUnavailable": 1}
+    assert budget["spec"] == {
+        "selector": {"matchLabels": selector("resnet50")},
+        "maxUnavailable": 1,
+        "unhealthyPodEvictionPolicy": "AlwaysAllow",  # an unready pod never stalls a drain
+    }
 
 
 def test_no_budget_for_one_replica_or_when_turned_off() -> None:
@@ -303,3 +307,14 @@ def test_a_running_clean_up_or_its_stopping_pod_holds_new_rewrites_back() -> Non
     assert _cleaning(children(job_body(name, "Complete"), [stopping]))
     rewrite = job_body("resnet50-rewrite-a1b2c3d4e5")  # a rewrite Job is not a clean-up
     assert not _cleaning(Children([rewrite], [], [], [], [], [], []))
+
+
+def test_a_jobs_pods_are_found_by_the_job_controllers_current_label() -> None:
+    """batch.kubernetes.io/job-name, set since Kubernetes 1.27; the legacy job-name alone does not count."""
+    name = "resnet50-rewrite-a1b2c3d4e5"
+    current = job_pod(name, "x1", "2025-05-01T10:00:05Z", "{}")
+    current["metadata"]["labels"] = {"batch.kubernetes.io/job-name": name}
+    legacy = job_pod(name, "x2", "2025-05-01T10:00:06Z", "{}")
+    legacy["metadata"]["labels"] = {"job-name": name}
+    found = Children([job_body(name)], [], [], [], [], [], [current, legacy]).pods_of_job(name)
+    assert [p["metadata"]["name"] for p in found] == [f"{name}-x1"]
