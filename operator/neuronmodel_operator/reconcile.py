@@ -43,7 +43,17 @@ from .naming import (
     model_label,
 )
 from .own_writes import OwnWrites, slim, without_none
-from .status import REPORT_FIELDS, Observed, Retry, compute_status, failure_message, job_outcome, rewrite_report
+from .status import (
+    REPORT_FIELDS,
+    Observed,
+    Retry,
+    compute_status,
+    creation_refused,
+    failure_message,
+    job_outcome,
+    job_waits_for_pod,
+    rewrite_report,
+)
 from .validation import SpecError, validate
 
 VERSION, PLURAL = "v1alpha1", "neuronmodels"
@@ -57,6 +67,13 @@ REWRITE_RETRY_SECONDS, MAX_REWRITE_RETRY_SECONDS = 30, 600
 # write, so a rollout of many pods costs a few writes, not one per pod event. Phase changes go out at once.
 COUNTS_INTERVAL_SECONDS = 5.0
 CLEANING_WAIT_SECONDS = 2.0
+# The Job controller records a pod it could not create (a quota, a webhook, Pod Security) only as a FailedCreate
+# Event on the Job; its first status (startTime, no pod active) is the last change such a Job makes. So a synced Job
+# without a pod (status.job_waits_for_pod) has its FailedCreate Events read, at that reconcile and, as the Event is
+# posted a moment after the status, again each time the wait doubles (from 1 s, at most this far apart) until a
+# refusal is found. Then no timer: the controller's own retries (1 s doubling to 60 s) bring the pod, and the pod's
+# event the reconcile. A healthy Job's first status counts its pod active: no request.
+MAX_CREATION_RECHECK_SECONDS = 60.0
 log = logging.getLogger("neuronmodel_operator")
 
 
@@ -287,6 +304,17 @@ class Api:
                 raise
         self.own.wrote(observed, deleted=True)
 
+    def failed_creations(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
+        """The FailedCreate Events a controller recorded on ``obj``: pods it could not create, and the refusal."""
+        meta = obj["metadata"]
+        response = self.core.list_namespaced_event(
+            meta["namespace"],
+            field_selector=f"involvedObject.uid={meta['uid']},reason=FailedCreate",
+            _request_timeout=REQUEST_TIMEOUT,
+            _preload_content=False,  # the API's JSON as it is: timestamps comparable with the indexes' pods
+        )
+        return json.loads(response.data)["items"]
+
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, {"status": status}, _request_timeout=REQUEST_TIMEOUT
@@ -336,8 +364,7 @@ def retry_delay(retries: int) -> float:
 
 def _failed_at(job: dict[str, Any]) -> datetime:
     failed = next(c for c in job["status"]["conditions"] if c.get("type") == "Failed")
-    stamp = failed.get("lastTransitionTime") or now()
-    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    return _parse(failed.get("lastTransitionTime") or now())
 
 
 def _only_counts_moved(status: dict[str, Any], previous: dict[str, Any]) -> bool:
@@ -397,6 +424,7 @@ def reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Oper
     observed = Observed(job, job_pods, children.deployment, serving_pods, children.service, published)
     if refused is not None:
         observed.refused = (refused.reason, str(refused))
+    observed.job_refused, recheck = _creation_refusal(api, job, job_pods)
     status = compute_status(model, meta.get("generation", 1), rewrite_id, error, observed, previous, now(), retry)
     metrics.MODEL_PHASES.set(key, status["phase"])
     status["store"] = previous.get("store")
@@ -407,16 +435,39 @@ def reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Oper
             api.delete(children.jobs[name], "superseded")
         if children.config_map is not None and batching_config_map(model) is None:
             api.delete(children.config_map, "unused")
-        status["store"] = _tend_store(scope, rewrite_id, previous.get("store") or {}, retry)
+        # Ready: the rewrite's Job is complete, so the clean-up's is the only one that may wait for its pod.
+        status["store"], recheck = _tend_store(scope, rewrite_id, previous.get("store") or {}, retry)
     requeue = _write_status(api, body, model, status, previous, retry)
     if refused is not None:
         raise refused  # told in the status; the caller retries with a growing back-off
-    return requeue
+    return min((r for r in (requeue, recheck) if r is not None), default=None)
 
 
-def _tend_store(scope: Scope, rewrite_id: str, store: dict[str, Any], retry: Retry) -> dict[str, Any]:
+def _creation_refusal(
+    api: Api, job: dict[str, Any] | None, pods: list[dict[str, Any]]
+) -> tuple[str | None, float | None]:
+    """Why the Job's controller cannot create its pod (None: it is not refused, or not yet known), and in how many
+    seconds to ask again (None: no need, see MAX_CREATION_RECHECK_SECONDS)."""
+    if job is None or not job_waits_for_pod(job, pods):
+        return None, None
+    refused = creation_refused(api.failed_creations(job), pods)
+    if refused is not None:
+        return refused, None
+    stamps = [p["metadata"].get("creationTimestamp") for p in pods] + [job["status"]["startTime"]]
+    waited = (datetime.now(timezone.utc) - max(_parse(stamp) for stamp in stamps if stamp)).total_seconds()
+    return None, min(max(waited, 1.0), MAX_CREATION_RECHECK_SECONDS)
+
+
+def _parse(stamp: str) -> datetime:
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+
+
+def _tend_store(
+    scope: Scope, rewrite_id: str, store: dict[str, Any], retry: Retry
+) -> tuple[dict[str, Any], float | None]:
     """Record the rewrite that now serves in full, and remove from the store what nothing serves or will serve: a
-    clean-up Job keeps it and the last ``retainRewrites`` served before it. Returns status.store."""
+    clean-up Job keeps it and the last ``retainRewrites`` served before it. Returns status.store, and in how many
+    seconds to ask again why the clean-up Job has no pod (see MAX_CREATION_RECHECK_SECONDS)."""
     api, body, model, children = scope.api, scope.body, scope.model, scope.children
     served_before = [i for i in store.get("served") or [] if i != rewrite_id]
     retain = int((model.spec.get("store") or {}).get("retainRewrites", 1))
@@ -424,16 +475,23 @@ def _tend_store(scope: Scope, rewrite_id: str, store: dict[str, Any], retry: Ret
     name = cleanup_job_name(model.name, rewrite_id)
     for stale in children.cleanups.keys() - {name}:
         api.delete(children.cleanups[stale], "finished")  # of an earlier rewrite, or of a deleted namesake
-    # Nothing to remove from a model's first rewrite, unless a failed attempt left a staging directory behind.
-    if store.get("cleanedFor") == rewrite_id or not (served_before or retry.count):
-        return store
+    # Nothing to remove from a model's first rewrite, unless a failed attempt left a staging directory behind. A
+    # clean-up Job already made is tended even so: at retainRewrites 0, status.store.served no longer names the rest.
+    if store.get("cleanedFor") == rewrite_id or not (served_before or retry.count or name in children.cleanups):
+        return store, None
     job = children.cleanups.get(name)
     if job is None:
-        _apply(api, body, store_cleanup_job(model, scope.config, store["served"], rewrite_id), None)
-        return store
+        job = _apply(api, body, store_cleanup_job(model, scope.config, store["served"], rewrite_id), None)
     outcome = job_outcome(job)
     if outcome == "Running":
-        return store
+        # A refusal of its pod is told as the clean-up's error until the pod is created (then as it ends).
+        refused, recheck = _creation_refusal(api, job, children.pods_of_job(name))
+        told = f"store clean-up Job {name}: "
+        if refused is not None:
+            return store | {"error": told + refused}, recheck
+        if (store.get("error") or "").startswith(told):
+            store = store | {"error": None}
+        return store, recheck
     removed, freed, error = _cleanup_outcome(job, children)
     store |= {"cleanedFor": rewrite_id, "cleanedAt": now(), "removed": removed, "bytesFreed": freed, "error": error}
     if error is None:
@@ -443,7 +501,7 @@ def _tend_store(scope: Scope, rewrite_id: str, store: dict[str, Any], retry: Ret
     else:  # told, and tried again with the next rewrite: a store that cannot be cleaned must not hold serving up
         kopf.warn(body, reason="StoreCleanupFailed", message=error)
     api.delete(job, "finished")
-    return store
+    return store, None
 
 
 def _cleanup_outcome(job: dict[str, Any], children: Children) -> tuple[int | None, int | None, str | None]:

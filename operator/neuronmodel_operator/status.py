@@ -35,6 +35,8 @@ _STUCK_REASONS = {
     "CreateContainerConfigError": "ContainerConfigInvalid",
     "CreateContainerError": "ContainerConfigInvalid",
 }
+# The rewrite's condition reason for what holds its pod (by _pod_problem's reason, or a refusal); else RewriteBlocked.
+_REWRITE_STUCK = {"Unschedulable": "RewritePending", "RewritePodsRefused": "RewritePodsRefused"}
 STORE_PERMISSION_HINT = (
     "the rewrite runs as spec.rewrite.podSecurityContext's runAsUser/runAsGroup (default 65532:65532) and "
     "must be able to write to the store: make the store's directory writable by that user (an EFS access point's "
@@ -54,6 +56,7 @@ class Observed:
     service: dict[str, Any] | None = None
     published: bool = False  # the status already records this rewrite as complete (its Job may be gone)
     refused: tuple[str, str] | None = None  # (reason, message): a child the API refused, or a foreign object
+    job_refused: str | None = None  # why the Job's controller cannot create its pod (creation_refused)
 
 
 @dataclass
@@ -157,16 +160,45 @@ def _pod_problem(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
     return None
 
 
+def _refusal_words(message: str) -> str:
+    """The refusing component's words, the pod's generated suffix cut (``pods "m-7d4b9c-"``), so a refusal that
+    lasts is one status, not a write for each of the controller's retries."""
+    return _GENERATED_POD.sub(r'\1"', message)
+
+
 def _pods_refused(deployment_status: dict[str, Any]) -> str | None:
     """Why the ReplicaSet cannot create serving pods, in the refusing component's words (Pod Security admission, a
-    quota, a webhook): the Deployment carries the ReplicaSet's ReplicaFailure condition while the refusal lasts.
-    The pod's generated suffix is cut (``pods "m-7d4b9c-"``), so a refusal that lasts is one status, not a write for
-    each of the ReplicaSet's retries."""
+    quota, a webhook): the Deployment carries the ReplicaSet's ReplicaFailure condition while the refusal lasts."""
     for condition in deployment_status.get("conditions") or []:
         if condition.get("type") == "ReplicaFailure" and condition.get("status") == "True":
-            words = _GENERATED_POD.sub(r'\1"', condition.get("message") or condition.get("reason") or "")
+            words = _refusal_words(condition.get("message") or condition.get("reason") or "")
             return f"the serving pods cannot be created: {words}"
     return None
+
+
+def job_waits_for_pod(job: dict[str, Any], pods: list[dict[str, Any]]) -> bool:
+    """A running Job its controller has synced (startTime) with no pod but failed ones: its pod was refused, or a
+    failed one awaits its replacement. A healthy Job's first status already counts its pod active, and a succeeded
+    pod only waits for the Job's Complete."""
+    live = [p for p in pods if (p.get("status") or {}).get("phase") != "Failed"]
+    status = job.get("status") or {}
+    return job_outcome(job) == "Running" and bool(status.get("startTime")) and not live and not status.get("active")
+
+
+def creation_refused(events: list[dict[str, Any]], pods: list[dict[str, Any]]) -> str | None:
+    """Why a Job's controller cannot create its pod, in the refusing component's words: the newest of its
+    ``FailedCreate`` Events (the only record a Job has of it) that is newer than the Job's newest pod, or None."""
+    since = max((p["metadata"].get("creationTimestamp") or "" for p in pods), default="")
+
+    def stamp(event: dict[str, Any]) -> str:
+        return event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp") or ""
+
+    newer = [e for e in events if stamp(e) > since]
+    if not newer:
+        return None
+    message = max(newer, key=stamp).get("message") or ""
+    message = message.removeprefix("(combined from similar events): ").removeprefix("Error creating: ")
+    return f"its pod cannot be created: {_refusal_words(message)}"
 
 
 def _rewrite_facts(
@@ -232,13 +264,18 @@ def compute_status(
         rewrite = _condition(REWRITE_SUCCEEDED, False, "RewriteFailed", message)
     else:
         job = (observed.job or {}).get("metadata", {}).get("name", "(creating)")
-        # Its source claim does not exist (cannot schedule), its image cannot be pulled, a Secret it reads is missing.
-        stuck = _pod_problem(observed.job_pods)
+        # Its pod is refused (a quota, a webhook), its source claim does not exist (cannot schedule), its image
+        # cannot be pulled, a Secret it reads is missing.
+        stuck = (
+            ("RewritePodsRefused", observed.job_refused)
+            if observed.job_refused is not None
+            else _pod_problem(observed.job_pods)
+        )
         rewrite = (
             _condition(
                 REWRITE_SUCCEEDED,
                 False,
-                "RewritePending" if stuck[0] == "Unschedulable" else "RewriteBlocked",
+                _REWRITE_STUCK.get(stuck[0], "RewriteBlocked"),
                 f"rewrite Job {job}: {stuck[1]}",
             )
             if stuck is not None
@@ -319,7 +356,7 @@ def compute_status(
     elif outcome != "Complete":
         keep = " (the current pods keep serving the previous rewrite)" if deployment is not None else ""
         ready = _condition(READY, False, rewrite["reason"], rewrite["message"] + keep)
-        if rewrite["reason"] == "RewriteBlocked":  # its pod waits on something that will not clear by itself
+        if rewrite["reason"] in ("RewriteBlocked", "RewritePodsRefused"):  # waits for a cause that stays
             phase = "Degraded" if serving else "Failed"
         else:
             phase = "Pending" if rewrite["reason"] == "RewritePending" else "Rewriting"

@@ -70,7 +70,7 @@ OPERATOR_RULES = [
         "verbs": ["list", "watch", "get", "create", "update", "delete"],
     },
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]},
 ]
 CRD_RULE = {
     "apiGroups": ["apiextensions.k8s.io"],
@@ -517,6 +517,7 @@ def test_the_operator_service_account_may_do_what_it_needs_and_nothing_more(
         ("get", "services", ""),
         ("watch", "pods", ""),
         ("create", "events", ""),
+        ("list", "events", ""),
     ]
     assert [n for n in needed if not allowed(*n)] == []
     assert allowed("patch", "neuronmodels", GROUP, subresource="status")

@@ -16,7 +16,14 @@ from unit_helpers import (
 from neuronmodel_operator.builders import Model
 from neuronmodel_operator.config import OperatorConfig
 from neuronmodel_operator.naming import job_name
-from neuronmodel_operator.status import Observed, Retry, compute_status, job_outcome
+from neuronmodel_operator.status import (
+    Observed,
+    Retry,
+    compute_status,
+    creation_refused,
+    job_outcome,
+    job_waits_for_pod,
+)
 from neuronmodel_operator.validation import SpecError, validate
 
 CONFIG = OperatorConfig()
@@ -565,6 +572,62 @@ def test_a_rewrite_image_that_cannot_be_pulled_blocks_the_rewrite() -> None:
     assert rewrite["reason"] == "RewriteBlocked"
     assert "container rewrite: ImagePullBackOff: Back-off pulling image" in rewrite["message"]
     assert status["phase"] == "Failed" and conditions(status)["Ready"]["reason"] == "RewriteBlocked"
+
+
+QUOTA_WORDS = "exceeded quota: no-pods, requested: pods=1, used: pods=0, limited: pods=0"
+
+
+def failed_create(job: str, suffix: str, at: str, combined: bool = False) -> dict[str, Any]:
+    """A FailedCreate Event of the Job controller, as the API lists it (core/v1, the legacy recorder's fields)."""
+    words = f'Error creating: pods "{job}-{suffix}" is forbidden: {QUOTA_WORDS}'
+    message = f"(combined from similar events): {words}" if combined else words
+    return {"reason": "FailedCreate", "type": "Warning", "message": message, "firstTimestamp": at, "lastTimestamp": at}
+
+
+def test_a_job_waits_for_its_pod_while_running_with_none_live() -> None:
+    name = "resnet50-rw"
+    waiting = job_body(name) | {"status": {"startTime": "2025-05-01T10:00:05Z"}}
+    assert job_waits_for_pod(waiting, [])
+    assert job_waits_for_pod(waiting, [job_pod(name, "a1b2c", EARLIER, "")])  # a failed pod, no replacement yet
+    pending = job_pod(name, "a1b2c", EARLIER, "") | {"status": {"phase": "Pending"}}
+    assert not job_waits_for_pod(waiting, [pending])
+    assert not job_waits_for_pod(job_body(name), [])  # the controller counts an active pod the index lags
+    assert not job_waits_for_pod(job_body(name, "Failed"), [])
+    assert not job_waits_for_pod(job_body(name) | {"status": {}}, [])  # not synced by its controller yet
+    succeeded = job_pod(name, "a1b2c", EARLIER, "", exit_code=0) | {"status": {"phase": "Succeeded"}}
+    assert not job_waits_for_pod(waiting, [succeeded])  # done: the Job's Complete follows
+
+
+def test_a_refused_job_pod_is_told_in_the_newest_events_words_without_the_generated_suffix() -> None:
+    name = "resnet50-rw"
+    events = [failed_create(name, "x2v5q", EARLIER), failed_create(name, "7c4cl", NOW, combined=True)]
+    told = creation_refused(events, [])
+    assert told == f'its pod cannot be created: pods "{name}-" is forbidden: {QUOTA_WORDS}'
+    assert creation_refused(events[:1], []) == told  # each retry's event: the same words, no write for it
+    assert creation_refused([], []) is None
+    # A pod created after the refusals: they are over (the Events stay an hour).
+    assert creation_refused(events, [job_pod(name, "q8r9s", "2025-05-01T10:06:00Z", "")]) is None
+    assert creation_refused(events, [job_pod(name, "q8r9s", EARLIER, "")]) == told
+
+
+def test_a_rewrite_pod_the_api_refuses_is_told_and_is_no_progress() -> None:
+    model = make_model()
+    name = job_name(model.name, model.rewrite_id())
+    waiting = job_body(name) | {"status": {"startTime": "2025-05-01T10:00:05Z"}}
+    refusal = creation_refused([failed_create(name, "x2v5q", NOW)], [])
+    status = status_of(model, Observed(job=waiting, job_refused=refusal))
+    rewrite, ready = conditions(status)["RewriteSucceeded"], conditions(status)["Ready"]
+    assert rewrite["status"] == "False" and rewrite["reason"] == "RewritePodsRefused"
+    assert (
+        rewrite["message"]
+        == f'rewrite Job {name}: its pod cannot be created: pods "{name}-" is forbidden: {QUOTA_WORDS}'
+    )
+    assert status["phase"] == "Failed" and ready["reason"] == "RewritePodsRefused"
+    # A new rewrite refused while the previous one's pods serve: they keep serving it.
+    serving = deployment_body("previous", ready=1, updated=1, available=1)
+    status = status_of(model, Observed(job=waiting, deployment=serving, job_refused=refusal))
+    assert status["phase"] == "Degraded" and conditions(status)["Ready"]["reason"] == "RewritePodsRefused"
+    assert conditions(status)["Ready"]["message"].endswith("(the current pods keep serving the previous rewrite)")
 
 
 def test_a_serving_container_whose_secret_is_missing_is_reported() -> None:

@@ -3,13 +3,23 @@ own, containers that cannot start, zero replicas, and the batching ConfigMap's l
 
 from __future__ import annotations
 
+import base64
+import http.server
+import json
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from conftest import Env, neuron_model, wait_for
+from localcluster.identitywebhook import _serving_certificate
 
 pytestmark = pytest.mark.cluster
 
@@ -86,6 +96,251 @@ def test_serving_pods_pod_security_refuses_are_told_in_the_apiservers_words_then
 
     assert env.apply(neuron_model("rooted", "compiled", serving={"image": image})).returncode == 0
     env.wait_phase("rooted", "Ready")
+
+
+# The ReplicaSet controller retries a refused pod with its queue's per-item back-off (5 ms doubling to 1000 s), so
+# a refusal that lasted a minute is retried about a minute later: the recovery deadline the tests allow.
+RECOVERY_SECONDS = 120
+HOLD_SECONDS = 45  # how long the tests that check recovery after a lasting refusal keep it
+QUOTA = "requests.aws.amazon.com/neuroncore"
+
+
+def recovered(env: Env, name: str, since: float) -> dict[str, Any]:
+    """Ready again, with nothing changed in the spec, in bounded time; the status no longer names the refusal."""
+    status = env.wait_phase(name, "Ready", timeout=RECOVERY_SECONDS)
+    print(f"{name}: Ready {time.monotonic() - since:.1f} s after the cause went")  # the controller's back-off
+    assert env.condition(name, "Ready")["reason"] == "ModelServing", status
+    return status
+
+
+def lasting(env: Env, seconds: float = HOLD_SECONDS) -> None:
+    """The refusal lasts while the controller retries: the status told it once, so the operator writes nothing."""
+    offset = env.audit_offset()
+    time.sleep(seconds)
+    assert env.operator_writes(offset) == []
+
+
+def set_quota(env: Env, cores: int) -> None:
+    """A ResourceQuota of ``cores`` NeuronCores, in force (the apiserver enforces a quota once it has a status)."""
+    spec = {"hard": {QUOTA: str(cores)}}
+    try:
+        env.core.patch_namespaced_resource_quota("neuron-cores", env.namespace, {"spec": spec})
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        env.core.create_namespaced_resource_quota(env.namespace, {"metadata": {"name": "neuron-cores"}, "spec": spec})
+
+    def in_force() -> bool:
+        quota = env.core.read_namespaced_resource_quota("neuron-cores", env.namespace)
+        return ((quota.status and quota.status.hard) or {}).get(QUOTA) == str(cores)
+
+    wait_for(in_force, what=f"the quota of {cores} cores in force")
+
+
+def test_a_neuroncore_quota_refusing_serving_pods_is_told_in_its_words_then_recovers_when_raised(
+    env: Env, models: dict[str, Path]
+) -> None:
+    env.hostpath_claim("compiled", models["resnet50"])
+    set_quota(env, 1)
+    assert env.apply(neuron_model("quota", "compiled", cores=2)).returncode == 0
+    condition = ready(env, "quota", "PodsRefused")
+    words = f"exceeded quota: neuron-cores, requested: {QUOTA}=2, used: {QUOTA}=0, limited: {QUOTA}=1"
+    assert condition["message"].startswith("the serving pods cannot be created: pods "), condition
+    assert words in condition["message"], condition
+    assert env.status("quota")["phase"] == "Failed"  # 0 of 1 admitted: nothing serves, and none is coming
+
+    raised = time.monotonic()
+    set_quota(env, 2)
+    recovered(env, "quota", raised)
+
+    # Room for one of two pods: the admitted one serves, the other is refused and named.
+    env.patch_spec("quota", {"replicas": 2})
+    condition = ready(env, "quota", "PodsRefused")
+    assert f"used: {QUOTA}=2, limited: {QUOTA}=2" in condition["message"], condition
+    status = env.status("quota")
+    assert status["phase"] == "Degraded" and status["readyReplicas"] == 1, status
+    assert status["endpoints"] is not None and env.condition("quota", "Available")["status"] == "True"
+
+    raised = time.monotonic()
+    set_quota(env, 4)
+    assert recovered(env, "quota", raised)["readyReplicas"] == 2
+
+
+def test_a_limit_range_refusing_serving_pods_is_told_in_its_words_then_recovers_when_deleted(
+    env: Env, models: dict[str, Path]
+) -> None:
+    """A LimitRange's maximum below what the serving container asks for; the rewrite's container is within it."""
+    env.hostpath_claim("compiled", models["resnet50"])
+    limits = {
+        "metadata": {"name": "small-containers"},
+        "spec": {"limits": [{"type": "Container", "max": {"memory": "768Mi"}}]},
+    }
+    env.core.create_namespaced_limit_range(env.namespace, limits)
+    serving = {
+        "image": "public.ecr.aws/neuron/tensorflow-inference-neuronx:test",
+        "resources": {"requests": {"memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+    }
+    assert env.apply(neuron_model("limited", "compiled", serving=serving)).returncode == 0
+    condition = ready(env, "limited", "PodsRefused")
+    assert "maximum memory usage per Container is 768Mi, but limit is 1Gi" in condition["message"], condition
+    assert env.status("limited")["phase"] == "Failed"
+
+    deleted = time.monotonic()
+    env.core.delete_namespaced_limit_range("small-containers", env.namespace)
+    recovered(env, "limited", deleted)
+
+
+DENIAL = "serving pods are frozen in this namespace until the change freeze ends"
+
+
+class _Deny(http.server.BaseHTTPRequestHandler):
+    """A validating admission webhook that refuses every pod it is asked about, with DENIAL."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        review = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        answer = {"uid": review["request"]["uid"], "allowed": False, "status": {"code": 403, "message": DENIAL}}
+        body = json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": answer})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+
+@contextmanager
+def denying_webhook(env: Env) -> Iterator[str]:
+    """The webhook served from this process with a CA of its own, registered for the serving pods of the test's
+    namespace only. Yields the configuration's name."""
+    ca = _serving_certificate(env.tmp)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(env.tmp / "tls.crt", env.tmp / "tls.key")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Deny)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    name = f"deny-serving-{env.namespace}"
+    admission = client.AdmissionregistrationV1Api(env.cluster.api)
+    admission.create_validating_webhook_configuration(
+        {
+            "metadata": {"name": name},
+            "webhooks": [
+                {
+                    "name": "deny-serving.neuron.test",
+                    "clientConfig": {
+                        "url": f"https://127.0.0.1:{server.server_address[1]}/validate",
+                        "caBundle": base64.b64encode(ca).decode(),
+                    },
+                    "rules": [
+                        {"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}
+                    ],
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": env.namespace}},
+                    "objectSelector": {"matchLabels": {"app.kubernetes.io/component": "serving"}},
+                    "failurePolicy": "Fail",
+                    "sideEffects": "None",
+                    "admissionReviewVersions": ["v1"],
+                    "timeoutSeconds": 5,
+                }
+            ],
+        }
+    )
+    try:
+        yield name
+    finally:
+        try:
+            admission.delete_validating_webhook_configuration(name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        server.shutdown()
+
+
+def test_a_validating_webhook_refusing_serving_pods_is_told_in_its_words_then_recovers_when_removed(
+    env: Env, models: dict[str, Path]
+) -> None:
+    env.hostpath_claim("compiled", models["resnet50"])
+    with denying_webhook(env) as configuration:
+        assert env.apply(neuron_model("frozen", "compiled")).returncode == 0
+        condition = ready(env, "frozen", "PodsRefused")
+        assert f'admission webhook "deny-serving.neuron.test" denied the request: {DENIAL}' in condition["message"]
+        assert env.status("frozen")["phase"] == "Failed"
+        lasting(env)
+
+        removed = time.monotonic()
+        client.AdmissionregistrationV1Api(env.cluster.api).delete_validating_webhook_configuration(configuration)
+        recovered(env, "frozen", removed)
+
+
+def test_a_refused_rewrite_pod_is_told_in_the_quotas_words_then_recovers_when_lifted(
+    env: Env, models: dict[str, Path]
+) -> None:
+    """The Job controller tells a pod it could not create only as a FailedCreate Event on the Job, which does not
+    change again: the operator must still tell it, soon, and not as a rewrite making progress."""
+    env.hostpath_claim("compiled", models["resnet50"])
+    env.core.create_namespaced_resource_quota(
+        env.namespace, {"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}
+    )
+    wait_for(
+        lambda: (
+            (
+                env.core.read_namespaced_resource_quota("no-pods", env.namespace).status
+                or client.V1ResourceQuotaStatus()
+            ).hard
+        ),
+        what="the quota in force",
+    )
+    created = time.monotonic()
+    assert env.apply(neuron_model("starved", "compiled")).returncode == 0
+    condition = ready(env, "starved", "RewritePodsRefused")
+    print(f"starved: told {time.monotonic() - created:.1f} s after its creation")
+    (job,) = env.jobs()
+    assert condition["message"].startswith(f'rewrite Job {job.metadata.name}: its pod cannot be created: pods "'), (
+        condition
+    )
+    assert "exceeded quota: no-pods, requested: pods=1, used: pods=0, limited: pods=0" in condition["message"], (
+        condition
+    )
+    assert env.condition("starved", "RewriteSucceeded")["reason"] == "RewritePodsRefused"
+    assert env.status("starved")["phase"] == "Failed"
+    lasting(env)
+
+    lifted = time.monotonic()
+    env.core.delete_namespaced_resource_quota("no-pods", env.namespace)
+    recovered(env, "starved", lifted)
+
+
+def test_a_refused_store_clean_up_pod_is_told_and_the_clean_up_runs_once_admitted(
+    env: Env, models: dict[str, Path]
+) -> None:
+    """A LimitRange's minimum above the clean-up container's request (the rewrite's and the serving container's are
+    above it): the model serves, and status.store tells why its clean-up does not run."""
+    env.hostpath_claim("compiled", models["resnet50"])
+    limits = {"type": "Container", "min": {"memory": "100Mi"}}
+    env.core.create_namespaced_limit_range(env.namespace, {"metadata": {"name": "big"}, "spec": {"limits": [limits]}})
+    serving = {
+        "image": "public.ecr.aws/neuron/tensorflow-inference-neuronx:test",
+        "resources": {"requests": {"memory": "256Mi"}},
+    }
+    store = {"claimName": "model-store", "retainRewrites": 0}
+    assert env.apply(neuron_model("tidy", "compiled", serving=serving, store=store)).returncode == 0
+    first = env.wait_phase("tidy", "Ready")["rewrite"]["id"]
+    env.patch_spec("tidy", {"numCores": 1})  # a second rewrite: the first is the clean-up's to remove
+    wait_for(lambda: env.status("tidy")["rewrite"]["id"] != first, what="the second rewrite")
+    second = env.wait_phase("tidy", "Ready")["rewrite"]["id"]
+    store = wait_for(lambda: (s := env.status("tidy")["store"]).get("error") and s, what="the refusal told")
+    assert store["error"].startswith("store clean-up Job "), store
+    assert ": its pod cannot be created: pods " in store["error"], store
+    assert "minimum memory usage per Container is 100Mi, but request is 64Mi" in store["error"], store
+    assert env.status("tidy")["phase"] == "Ready"  # a store not cleaned yet holds nothing up
+
+    env.core.delete_namespaced_limit_range("big", env.namespace)
+    store = wait_for(
+        lambda: (s := env.status("tidy")["store"]).get("cleanedFor") == second and s,
+        RECOVERY_SECONDS,
+        what="the clean-up run",
+    )
+    assert store.get("error") is None and store["removed"] == 1, store
 
 
 def test_a_hand_made_service_with_the_models_name_is_never_adopted(env: Env, models: dict[str, Path]) -> None:

@@ -35,7 +35,8 @@ code uses: Kopf lists and watches (indexes, event handlers; no finalizers, no pr
 writes a NeuronModel); the reconcile creates Jobs, Deployments, Services and ConfigMaps, replaces (PUT: update)
 the last three, patches Deployment replicas and NeuronModel status, deletes superseded Jobs and the batching
 ConfigMap once batching is off, and reads a child whose create found its name taken (ours, or someone else's); events are posted
-through the core API by Kopf (kopf.info/kopf.warn). Pods are only read, to report why they do not run.
+through the core API by Kopf (kopf.info/kopf.warn), and a Job's are listed while it has no pod (the Job controller
+tells a pod it could not create only as a FailedCreate Event). Pods are only read, to report why they do not run.
 */}}
 {{- define "neuronmodel-operator.rules" -}}
 - apiGroups: [serving.neuron.dev]
@@ -68,7 +69,7 @@ through the core API by Kopf (kopf.info/kopf.warn). Pods are only read, to repor
   verbs: [list, watch]
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, list]
 {{- end -}}
 
 {{/*
