@@ -18,7 +18,7 @@ import tarfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,33 +149,6 @@ def first_answer(url: str, x: np.ndarray) -> np.ndarray:
     return np.asarray(realnode.first_answer(url, x.tolist())["predictions"], dtype=np.float32)
 
 
-class Traffic(threading.Thread):
-    """A steady client: one request at a time, each on a new connection (as kube-proxy balances them), counted."""
-
-    def __init__(self, url: str, x: np.ndarray, expected: np.ndarray) -> None:
-        super().__init__(daemon=True)
-        self.url, self.x, self.expected = url, x, expected
-        self.ok = 0
-        self.failures: list[str] = []
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                answer = predict(self.url, self.x)
-                if np.allclose(answer, self.expected, atol=1e-5):
-                    self.ok += 1
-                else:
-                    self.failures.append(f"wrong answer {answer.tolist()}")
-            except (OSError, RuntimeError, ValueError) as exc:
-                self.failures.append(f"{time.strftime('%H:%M:%S')} {exc}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join(30)
-
-
 class GrpcClient:
     """A TF Serving gRPC client as AWS's Neuron tutorials write one: one channel, kept open, for every call."""
 
@@ -204,15 +177,19 @@ class GrpcClient:
         self.channel.close()
 
 
-class GrpcTraffic(threading.Thread):
-    """A steady gRPC client: one channel for its whole life, one call at a time, counted. No retry of its own: a call
-    gRPC could not retry transparently (UNAVAILABLE before it was sent) counts as lost."""
+class Traffic(threading.Thread):
+    """A steady client: one request at a time (``call``), each answer checked and counted, each failure recorded in the
+    client's words. It retries nothing itself: a request that fails is lost."""
 
-    def __init__(self, target: str, x: np.ndarray, expected: np.ndarray) -> None:
+    def __init__(
+        self,
+        call: Callable[[], np.ndarray],
+        expected: np.ndarray,
+        pause: float,
+        close: Callable[[], None] = lambda: None,
+    ) -> None:
         super().__init__(daemon=True)
-        self.client = GrpcClient(target)
-        self.x, self.expected = x, expected
-        self.input = self.client.input_name()
+        self.call, self.expected, self.pause, self.close = call, expected, pause, close
         self.ok = 0
         self.failures: list[str] = []
         self.stopping = threading.Event()
@@ -220,19 +197,33 @@ class GrpcTraffic(threading.Thread):
     def run(self) -> None:
         while not self.stopping.is_set():
             try:
-                (answer,) = self.client.predict(self.x, self.input).values()
+                answer = self.call()
                 if np.allclose(answer, self.expected, atol=1e-5):
                     self.ok += 1
                 else:
                     self.failures.append(f"wrong answer {answer.tolist()}")
-            except grpc.RpcError as exc:
+            except grpc.RpcError as exc:  # gRPC retried it already where its semantics allow (not yet sent)
                 self.failures.append(f"{time.strftime('%H:%M:%S')} {exc.code().name}: {exc.details()}")
-            time.sleep(0.01)
+            except (OSError, RuntimeError, ValueError) as exc:
+                self.failures.append(f"{time.strftime('%H:%M:%S')} {exc}")
+            time.sleep(self.pause)
 
     def stop(self) -> None:
         self.stopping.set()
         self.join(30)
-        self.client.close()
+        self.close()
+
+
+def rest_traffic(url: str, x: np.ndarray, expected: np.ndarray) -> Traffic:
+    """Each request on a new connection, as kube-proxy balances them."""
+    return Traffic(lambda: predict(url, x), expected, pause=0.05)
+
+
+def grpc_traffic(target: str, x: np.ndarray, expected: np.ndarray) -> Traffic:
+    """One channel for the client's whole life, as TF Serving's gRPC clients keep it."""
+    client = GrpcClient(target)
+    name = client.input_name()
+    return Traffic(lambda: client.predict(x, name)["logits"], expected, pause=0.01, close=client.close)
 
 
 def test_the_chart_runs_the_operator_image_as_a_real_non_root_pod(deployed: Deployment, real_node: str) -> None:
@@ -292,8 +283,8 @@ def test_scaling_and_a_numcores_change_under_steady_rest_and_grpc_traffic_lose_n
     deployed.wait_status(lambda s: s.get("phase") == "Ready", "the example Ready")
     x, expected = sample_input(3), deployed.expected["logits"]
     first_answer(deployed.predict_url(), x)
-    rest = Traffic(deployed.predict_url(), x, expected)
-    grpcs = [GrpcTraffic(deployed.grpc_target(), x, expected) for _ in range(GRPC_CLIENTS)]
+    rest = rest_traffic(deployed.predict_url(), x, expected)
+    grpcs = [grpc_traffic(deployed.grpc_target(), x, expected) for _ in range(GRPC_CLIENTS)]
     clients = [rest, *grpcs]
     for traffic in clients:
         traffic.start()
