@@ -284,7 +284,9 @@ def _store_job(
         "spec": {
             "podFailurePolicy": _failure_policy(containers[0]["name"], refusals),
             "template": {
-                "metadata": {"labels": pod_labels},
+                # Ours win: the CRD refuses a podLabels key the operator's watches rely on.
+                "metadata": {"labels": (rewrite.get("podLabels") or {}) | pod_labels}
+                | ({"annotations": rewrite["podAnnotations"]} if rewrite.get("podAnnotations") else {}),
                 "spec": {
                     "restartPolicy": "Never",
                     "automountServiceAccountToken": False,  # it never calls the Kubernetes API

@@ -77,7 +77,10 @@ def job_outcome(job: dict[str, Any] | None) -> str:
 
 
 def _container_statuses(pod: dict[str, Any]) -> list[dict[str, Any]]:
-    return (pod.get("status") or {}).get("containerStatuses") or []  # the operator's pods have no init containers
+    """Init containers first: the operator's pods have none of their own, but a webhook may inject one (a service
+    mesh's), and the pod waits on it, or fails with it, before the rewrite or the server ever starts."""
+    status = pod.get("status") or {}
+    return [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
 
 
 def _newest_first(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -121,13 +124,25 @@ def failure_message(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
             detail = (errors or lines)[-1].strip()
             break
     else:
-        detail = _evicted(pods)
+        detail = _evicted(pods) or _failed_init_container(pods)
     reason = failed.get("reason") or "Failed"
     base = f"rewrite Job {job['metadata']['name']} failed ({reason})"
     message = f"{base}: {detail}" if detail else f"{base}: {failed.get('message', 'no message from the pod')}"
     if "Permission denied" in detail:
         message += f"; {STORE_PERMISSION_HINT}"
     return message
+
+
+def _failed_init_container(pods: list[dict[str, Any]]) -> str:
+    """An init container that failed without a word (one a webhook injected: the operator's pods have none), so the
+    rewrite never ran: its name, exit code and reason."""
+    for pod in _newest_first(pods):
+        for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
+            terminated = (status.get("state") or {}).get("terminated") or {}
+            if terminated.get("exitCode"):
+                code, reason = terminated["exitCode"], terminated.get("reason") or "Error"
+                return f"pod {pod['metadata']['name']} init container {status.get('name')} exited {code} ({reason})"
+    return ""
 
 
 def _evicted(pods: list[dict[str, Any]]) -> str:

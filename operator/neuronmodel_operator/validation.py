@@ -80,15 +80,16 @@ def check_non_root(spec: dict[str, Any], pod_field: str, container_field: str | 
 
 
 def check_pod_overrides(spec: dict[str, Any]) -> None:
-    """The serving pod template's additions may add to what the operator sets, never replace it."""
+    """The pod templates' additions may add to what the operator sets, never replace it."""
     serving = spec.get("serving") or {}
-    ours = sorted(set(serving.get("podLabels") or {}) & set(labels("model", "serving")))
-    if ours:
-        raise SpecError(
-            "InvalidSpec",
-            f"spec.serving.podLabels: {', '.join(ours)} is set by the operator (the Deployment's selector and the "
-            "operator's watches rely on it); choose another key",
-        )
+    for field in ("serving", "rewrite"):
+        ours = sorted(set((spec.get(field) or {}).get("podLabels") or {}) & set(labels("model", "serving")))
+        if ours:
+            raise SpecError(
+                "InvalidSpec",
+                f"spec.{field}.podLabels: {', '.join(ours)} is set by the operator (the Deployment's selector and the "
+                "operator's watches rely on it); choose another key",
+            )
     volumes = [v.get("name") for v in serving.get("volumes") or []]
     for name in volumes:
         if name in SERVING_VOLUMES:

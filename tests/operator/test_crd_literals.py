@@ -45,6 +45,7 @@ def cel_literals(expression: str) -> list[Any]:
     [
         ("spec", [NEURONCORES_PER_NODE, list(INSTANCE_TYPE_LABELS)]),
         ("spec.serving.podLabels", [OPERATOR_LABELS]),
+        ("spec.rewrite.podLabels", [OPERATOR_LABELS]),
         ("spec.serving.volumes.[]", [list(SERVING_VOLUMES)]),
         ("spec.serving.volumeMounts.[]", [list(SERVING_MOUNT_PATHS)]),
         ("spec.rewrite.env", [S3_ENV]),

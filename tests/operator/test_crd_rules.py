@@ -79,6 +79,11 @@ def mounted_at(path: str) -> dict[str, Any]:
             id="operator-pod-label",
         ),
         pytest.param(
+            {"rewrite": {"podLabels": {"app.kubernetes.io/component": "batch"}}},
+            "spec.rewrite.podLabels: Invalid value: app.kubernetes.io/component is set by the operator",
+            id="operator-rewrite-pod-label",
+        ),
+        pytest.param(
             serving(sidecars=[{"name": "tfserving", "image": "fluent/fluent-bit:3.0"}]),
             "spec.serving.sidecars[0].name: Invalid value: 'tfserving' is the server container's; choose another",
             id="server-container-name",
@@ -138,7 +143,11 @@ def test_a_spec_next_to_every_rule_is_accepted_and_served_as_written(env: Env, m
             sidecars=[{"name": "logs", "image": "fluent/fluent-bit:3.0"}],
             terminationGracePeriodSeconds=17,
         ),
-        rewrite={"env": [{"name": "AWS_ENDPOINT_URL_STS", "value": "https://vpce-1.sts.us-west-2.vpce.amazonaws.com"}]},
+        rewrite={
+            "env": [{"name": "AWS_ENDPOINT_URL_STS", "value": "https://vpce-1.sts.us-west-2.vpce.amazonaws.com"}],
+            "podLabels": {"sidecar.istio.io/inject": "false"},
+            "podAnnotations": {"karpenter.sh/do-not-disrupt": "true"},
+        },
     )
     result = env.apply(manifest)
     assert result.returncode == 0, result.stderr
@@ -159,6 +168,13 @@ def test_a_spec_next_to_every_rule_is_accepted_and_served_as_written(env: Env, m
     assert [(e.name, e.value) for e in job.spec.template.spec.containers[0].env] == [
         ("AWS_ENDPOINT_URL_STS", "https://vpce-1.sts.us-west-2.vpce.amazonaws.com")
     ]
+    # What a cluster needs on the Job's pod (Karpenter, a mesh), on the pod the Job controller made.
+    (pod,) = env.core.list_namespaced_pod(
+        env.namespace, label_selector=f"batch.kubernetes.io/job-name={job.metadata.name}"
+    ).items
+    assert pod.metadata.annotations["karpenter.sh/do-not-disrupt"] == "true"
+    assert pod.metadata.labels["sidecar.istio.io/inject"] == "false"
+    assert pod.metadata.labels["app.kubernetes.io/component"] == "rewrite"
 
 
 def test_kubectl_explain_still_documents_the_source(cluster: SimulatedCluster, crd: None) -> None:

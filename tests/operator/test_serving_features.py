@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from unit_helpers import NAMESPACE, job_body, job_pod, make_model, make_spec
 
-from neuronmodel_operator.builders import Model, disruption_budget, rewrite_job, serving_deployment
+from neuronmodel_operator.builders import Model, disruption_budget, rewrite_job, serving_deployment, store_cleanup_job
 from neuronmodel_operator.config import OperatorConfig
 from neuronmodel_operator.naming import selector
 from neuronmodel_operator.reconcile import Children, _cleaning
@@ -54,6 +54,25 @@ def test_pod_labels_cannot_take_the_selectors_keys() -> None:
     spec = make_spec()
     spec["serving"]["podLabels"] = {"serving.neuron.dev/model": "other", "team": "search"}
     assert refusal(spec).startswith("spec.serving.podLabels: serving.neuron.dev/model is set by the operator")
+
+
+def test_rewrite_pod_labels_and_annotations_reach_both_jobs_pods_under_the_operators_own() -> None:
+    extra = {
+        "podLabels": {"sidecar.istio.io/inject": "false"},
+        "podAnnotations": {"karpenter.sh/do-not-disrupt": "true"},
+    }
+    model = make_model(rewrite=extra)
+    for job in (rewrite_job(model, CONFIG), store_cleanup_job(model, CONFIG, [], None)):
+        template = job["spec"]["template"]["metadata"]
+        assert template["annotations"] == {"karpenter.sh/do-not-disrupt": "true"}
+        assert template["labels"]["sidecar.istio.io/inject"] == "false"
+        assert template["labels"].items() >= job["metadata"]["labels"].items()  # the operator's own, kept
+    assert "annotations" not in rewrite_job(make_model(), CONFIG)["spec"]["template"]["metadata"]
+
+
+def test_rewrite_pod_labels_cannot_take_the_operators_keys() -> None:
+    spec = make_spec(rewrite={"podLabels": {"app.kubernetes.io/component": "batch"}})
+    assert refusal(spec).startswith("spec.rewrite.podLabels: app.kubernetes.io/component is set by the operator")
 
 
 def test_priority_grace_period_and_spread_reach_the_pod_spec() -> None:

@@ -574,6 +574,37 @@ def test_a_rewrite_image_that_cannot_be_pulled_blocks_the_rewrite() -> None:
     assert status["phase"] == "Failed" and conditions(status)["Ready"]["reason"] == "RewriteBlocked"
 
 
+def test_an_injected_init_container_that_cannot_start_blocks_the_rewrite_in_its_words() -> None:
+    model = make_model()
+    name = job_name(model.name, model.rewrite_id())
+    pod = job_pod(name, "p1", EARLIER, "")
+    pod["status"] = {
+        "phase": "Pending",
+        "initContainerStatuses": [
+            {"name": "istio-init", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling"}}}
+        ],
+        "containerStatuses": [{"name": "rewrite", "state": {"waiting": {"reason": "PodInitializing"}}}],
+    }
+    rewrite = conditions(status_of(model, Observed(job=job_body(name), job_pods=[pod])))["RewriteSucceeded"]
+    assert rewrite["reason"] == "RewriteBlocked"
+    assert f"pod {name}-p1 container istio-init: ImagePullBackOff: Back-off pulling" in rewrite["message"]
+
+
+def test_a_rewrite_that_never_ran_for_a_failed_init_container_names_it() -> None:
+    model = make_model()
+    name = job_name(model.name, model.rewrite_id())
+    pod = job_pod(name, "p1", EARLIER, "")
+    pod["status"]["initContainerStatuses"] = [
+        {"name": "vault-agent-init", "state": {"terminated": {"exitCode": 2, "reason": "Error", "message": ""}}}
+    ]
+    pod["status"]["containerStatuses"] = [{"name": "rewrite", "state": {"waiting": {"reason": "PodInitializing"}}}]
+    rewrite = conditions(status_of(model, Observed(job=job_body(name, "Failed"), job_pods=[pod])))["RewriteSucceeded"]
+    assert rewrite["message"].startswith(
+        f"rewrite Job {name} failed (BackoffLimitExceeded): pod {name}-p1 init container vault-agent-init exited 2 "
+        "(Error)"
+    ), rewrite["message"]
+
+
 QUOTA_WORDS = "exceeded quota: no-pods, requested: pods=1, used: pods=0, limited: pods=0"
 
 
