@@ -171,7 +171,12 @@ def test_cluster_wide_install_gets_one_cluster_role_with_exactly_the_operators_v
         "--liveness=http://:8080/healthz",
         "--log-format=plain",
     ]
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    # Kopf serves /healthz once the operator has started (its CRD checks passed): not ready until then, and not
+    # killed by the liveness probe while it waits, for the default 30 minutes.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}, probe
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] == 1800
     assert container["ports"] == [
         {"name": "health", "containerPort": 8080, "protocol": "TCP"},
         {"name": "metrics", "containerPort": 9090, "protocol": "TCP"},

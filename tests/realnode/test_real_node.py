@@ -32,7 +32,7 @@ from kubernetes import client
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
 from localcluster import awsidentity, realnode, s3server
-from localcluster.helm import helm, install_operator
+from localcluster.helm import CHART, helm, install_operator
 from localcluster.httpserver import serving
 from localcluster.images import Image
 from localcluster.pytest_plugin import wait_for
@@ -40,6 +40,7 @@ from localcluster.realnode import example_on_real_node
 from localcluster.s3server import upload_tree
 from localcluster.simcluster import RESTRICTED_PODS, SimulatedCluster
 from neuron_modelgen import Options, build_model, deneuronized_copy, run_serving_default, sample_input
+from neuronmodel_operator.crd import CRD_NAME, DIGEST_ANNOTATION
 from neuronmodel_operator.naming import MODEL_LABEL, model_label
 
 pytestmark = pytest.mark.cluster
@@ -639,3 +640,42 @@ def test_what_sts_or_s3_refuses_is_told_in_the_models_status_in_their_words(
     assert refusal in conditions["RewriteSucceeded"]["message"], conditions["RewriteSucceeded"]
     assert refusal in conditions["Ready"]["message"], conditions["Ready"]
     deployed.kubectl("delete", "neuronmodel", name, "--wait=true")
+
+
+# The chart's old probes (liveness only: first at 15 s, then every 20 s, 3 failures) restarted a waiting operator
+# after about 75 s; helm waits longer than that for the new pod.
+UPGRADE_WAIT = "100s"
+
+
+def test_an_upgrade_against_an_older_crd_waits_not_ready_until_the_crd_is_applied(deployed: Deployment) -> None:
+    """The README's upgrade path: an operator started against another CRD is not ready, is not restarted, and
+    `helm upgrade --wait` fails, while the models keep serving; applying the chart's CRDs brings it up."""
+    deployed.wait_status(lambda s: s.get("phase") == "Ready", "the example Ready")
+    x = sample_input(3)
+    url = deployed.predict_url()
+    extensions = client.ApiextensionsV1Api(deployed.cluster.api)
+    older = {"metadata": {"annotations": {DIGEST_ANNOTATION: "0123456789ab"}}}
+    extensions.patch_custom_resource_definition(CRD_NAME, older)
+    instance = f"app.kubernetes.io/instance={deployed.release}"
+    kubeconfig = deployed.cluster.kubeconfig
+    upgrade = ("upgrade", deployed.release, str(CHART), "-n", deployed.namespace, "--reuse-values", "--wait")
+    try:
+        before = {p.metadata.uid for p in deployed.pods(instance)}
+        debug = ("--set", "logLevel=debug", "--timeout", UPGRADE_WAIT)  # a new pod template: a new operator pod
+        waited = helm(*upgrade, *debug, kubeconfig=kubeconfig, check=False)
+        assert waited.returncode != 0, waited.stdout
+        (pod,) = [p for p in deployed.pods(instance) if p.metadata.uid not in before]
+        (container,) = pod.status.container_statuses
+        assert container.state.running and not container.ready, container
+        assert container.restart_count == 0, container  # waiting, not crash-looping
+        log = deployed.kubectl("logs", pod.metadata.name).stdout
+        assert "the NeuronModel CRD in the cluster has schema digest 0123456789ab" in log, log[-2000:]
+        assert np.allclose(predict(url, x), deployed.expected["logits"], atol=1e-5)  # the model serves meanwhile
+    finally:
+        deployed.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
+    wait_for(deployed.operator_pod, timeout=120, what="the new operator pod ready once the CRD is applied")
+    helm(*upgrade, "--set", "logLevel=info", "--timeout", "3m", kubeconfig=kubeconfig)
+    deployed.patch({"replicas": 2})  # the upgraded operator works
+    deployed.wait_status(lambda s: s.get("readyReplicas") == 2, "two replicas ready")
+    deployed.patch({"replicas": 1})
+    deployed.wait_status(lambda s: s.get("readyReplicas") == 1 and s.get("phase") == "Ready", "one replica again")
