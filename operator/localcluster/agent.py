@@ -70,7 +70,7 @@ import urllib3
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
-from .nodes import NEURONCORE, SIMULATED_LABEL
+from .nodes import INSTANCE_TYPE_LABEL, NEURONCORE, SIMULATED_LABEL
 from .serving import check_serving_container, is_serving_container
 
 log = logging.getLogger("localcluster.agent")
@@ -585,7 +585,8 @@ class PodRunner(threading.Thread):
             reason = "CrashLoopBackOff"
             try:  # the kubelet makes the environment again at every attempt: a Secret created later is found
                 env = self._environment(container, mounts, root)
-                problem = check_serving_container(container, env, cores, lambda p: translate(p, mounts))
+                instance_type = self.agent.instance_types.get(self.pod.spec.node_name)
+                problem = check_serving_container(container, env, cores, lambda p: translate(p, mounts), instance_type)
             except ContainerConfigError as exc:
                 reason, problem = "CreateContainerConfigError", str(exc)
             if problem != last:
@@ -707,6 +708,7 @@ class NodeAgent:
         # e.g. AWS_ENDPOINT_URL_STS/S3 of a local S3 server, for containers with IRSA or Pod Identity
         self.aws_env: dict[str, str] = {}
         self.runners: dict[str, PodRunner] = {}
+        self.instance_types: dict[str, str | None] = {}  # of the simulated nodes, by name
         self._deleting: set[str] = set()
         self._ips = itertools.count(2)
         self._stop = threading.Event()
@@ -735,7 +737,8 @@ class NodeAgent:
 
     def _simulated_nodes(self, core: client.CoreV1Api) -> set[str]:
         nodes = core.list_node(label_selector=f"{SIMULATED_LABEL}=true").items
-        return {n.metadata.name for n in nodes}
+        self.instance_types = {n.metadata.name: (n.metadata.labels or {}).get(INSTANCE_TYPE_LABEL) for n in nodes}
+        return set(self.instance_types)
 
     def _loop(self) -> None:
         core = client.CoreV1Api(self.api_client)

@@ -3,7 +3,10 @@
 The real server loads the newest numbered version under ``--model_base_path`` (``saved_model.pb`` directly inside
 it; the messages below are the server's own) and the Neuron runtime places each
 NeuronOp on the cores the pod was given. A NeuronOp tagged for another core count than the pod's
-``aws.amazon.com/neuroncore`` would fail to load or waste cores, so the simulated server refuses it.
+``aws.amazon.com/neuroncore`` would fail to load or waste cores, so the simulated server refuses it. So does the
+runtime a NEFF compiled for another NeuronCore generation than the node's: "The NEFF was compiled for a different
+target architecture than the current instance" (aws-neuron-sdk neuron-runtime/nrtpy/nrtpy-troubleshooting.rst,
+``NRT_FAILURE(6)``); the simulated server refuses it where the NEFF tells its generation (neuron_rewrite.neff).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from neuron_rewrite import RewriteError, inspect_model
+from neuron_rewrite.neff import FAMILY_TARGETS, family
 from tfserving_standin.config import check_batching_parameters, monitoring_path
 from tfserving_standin.status import StatusError
 
@@ -35,9 +39,14 @@ def _flag(argv: list[str], name: str) -> str | None:
 
 
 def check_serving_container(
-    container: Any, env: dict[str, str], cores: int | None, to_host: Callable[[str], str]
+    container: Any,
+    env: dict[str, str],
+    cores: int | None,
+    to_host: Callable[[str], str],
+    instance_type: str | None = None,
 ) -> str | None:
-    """None when the server would load its model, else why not (one line, as the server's log would say)."""
+    """None when the server would load its model on a node of ``instance_type``, else why not (one line, as the
+    server's log would say)."""
     argv = [*(container.command or []), *(container.args or [])]
     name = _flag(argv, "model_name") or env.get("MODEL_NAME")
     base = _flag(argv, "model_base_path") or env.get("MODEL_BASE_PATH")
@@ -81,12 +90,21 @@ def check_serving_container(
         return f"failed to load servable {name} version {latest.name}: {ops}"
     if not ops:
         return f"servable {name} version {latest.name} has no NeuronOp: it is not compiled for Neuron"
-    wrong = [(node, tagged) for node, tagged in ops if tagged != cores]
+    wrong = [(node, tagged) for node, tagged, _ in ops if tagged != cores]
     if wrong:
         node, tagged = wrong[0]
         return (
             f"servable {name} version {latest.name}: NeuronOp {node} is tagged _automatic_multicore="
             f"{tagged} but the pod has {cores} aws.amazon.com/neuroncore"
+        )
+    generation = FAMILY_TARGETS.get(family(instance_type or ""))
+    foreign = [(node, target) for node, _, target in ops if None not in (target, generation) and target != generation]
+    if foreign:
+        node, target = foreign[0]
+        return (
+            f"failed to load servable {name} version {latest.name}: NeuronOp {node}: NRT_FAILURE(6): The NEFF was "
+            f"compiled for a different target architecture than the current instance ({target} NEFF, "
+            f"{instance_type} has {generation})"
         )
     return None
 
@@ -104,10 +122,11 @@ def _identity(version: Path) -> tuple:
 
 
 @functools.lru_cache(maxsize=512)
-def _neuron_ops(version: Path, identity: tuple) -> list[tuple[str, int | None]] | str:
-    """Each NeuronOp's node and core tag, or why the graph cannot load; ``identity`` is only the cache key."""
+def _neuron_ops(version: Path, identity: tuple) -> list[tuple[str, int | None, str | None]] | str:
+    """Each NeuronOp's node, core tag and target, or why the graph cannot load; ``identity`` is only the cache
+    key."""
     try:
         report = inspect_model(version)
     except RewriteError as exc:
         return str(exc)
-    return [(op.node, op.automatic_multicore) for model in report.models for op in model.neuron_ops]
+    return [(op.node, op.automatic_multicore, op.target) for model in report.models for op in model.neuron_ops]

@@ -13,7 +13,9 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from .neuronize import deneuronize, neuronize
+from neuron_rewrite import neff
+
+from .neuronize import deneuronize, neuron_ops, neuronize
 
 FEATURES, HIDDEN, CLASSES = 8, 16, 4
 SAVED_MODEL = "saved_model.pb"
@@ -29,11 +31,44 @@ class Options:
     pipeline: int = 1  # model_config's pipeline size; above 1 the rewrite must refuse the model
     tag: int | None = None  # an existing _automatic_multicore value, as a previous rewrite leaves
     neuron: bool = True  # False: a plain model with no NeuronOp (not compiled for Neuron)
+    # The NeuronCore generation (neff.V1/V2/V3) the model is compiled for: the executable gets a NEFF header shaped
+    # as that generation's compiler writes it (_NEFF_SHAPES). None: a placeholder executable without a header, whose
+    # target is unknown. The header alone tells V1 (NEFF 0.6) and V3 (lnc_size 2) but not V2: a V2 header (NEFF 2.0,
+    # lnc_size 1) classifies as unknown, as a real tensorflow-neuronx model does. A model known to be V2 needs
+    # instance_type too (e.g. "inf2.xlarge"), which tensorflow-neuronx writes only with --extract-weights.
+    target: str | None = None
+    compiler: str | None = None  # the header's neff_build_version, e.g. "2.12.68.0+4480452af" (needs a target)
+    # An _instance_type attribute on every NeuronOp, e.g. "inf1.xlarge", as tensorflow-neuron's --extract-weights
+    # writes it (see neff.py). Not added by target: a compiler writes it only when told to.
+    instance_type: str | None = None
+    # The last NeuronOp's target instead: a model of mixed targets. Its NEFF header only (instance_type, when given,
+    # is on every NeuronOp), so V1 with V3 mixes known targets; V2 there is unknown unless instance_type says so.
+    last_op_target: str | None = None
 
 
-def _executable(size: int) -> bytes:
+# The NEFF header (version, lnc_size) each target's compiler writes (neff.py cites the sources): neuron-cc's NEFF 0.6
+# (classified V1), neuronx-cc's NEFF 2.0 with lnc_size 1 (Trn1, Inf2: classified unknown without _instance_type) or
+# 2 (Trn2: classified V3).
+_NEFF_SHAPES = {neff.V1: ((0, 6), 0), neff.V2: ((2, 0), 1), neff.V3: ((2, 0), 2)}
+
+
+def _executable(size: int, target: str | None, compiler: str | None, pipeline: int) -> bytes:
+    """``size`` bytes standing for a NEFF: a header for ``target`` followed by filler (not a real tarball: nothing
+    reads it), or only filler when ``target`` is None."""
     pattern = b"NEFF"
-    return (pattern * (size // len(pattern) + 1))[:size]
+    filler = (pattern * (size // len(pattern) + 1))[:size]
+    if target is None:
+        if compiler is not None:
+            raise ValueError("a compiler is recorded in a NEFF header: give a target too")
+        return filler
+    if size < neff.HEADER_SIZE:
+        raise ValueError(f"an executable of {size} bytes cannot hold the {neff.HEADER_SIZE}-byte NEFF header")
+    version, lnc_size = _NEFF_SHAPES[target]
+    data_size = size - neff.HEADER_SIZE
+    header = neff.build_header(
+        version=version, data_size=data_size, build_version=compiler, num_tpb=pipeline, lnc_size=lnc_size
+    )
+    return header + filler[:data_size]
 
 
 class _Classifier(tf.Module):
@@ -107,14 +142,20 @@ def build_model(out: str | os.PathLike[str], options: Options = Options()) -> Pa
     (_save_tf2 if options.kind == "tf2" else _save_tf1)(out, options.variable_bytes)
     if options.neuron:
         model = read_saved_model(out)
-        if not neuronize(model, _executable(options.executable_bytes), options.pipeline):
+
+        def executable(target: str | None) -> bytes:
+            return _executable(options.executable_bytes, target, options.compiler, options.pipeline)
+
+        if not neuronize(model, executable(options.target), options.pipeline):
             raise RuntimeError(f"{out}: no compute subgraph to compile")
-        if options.tag is not None:
-            for meta in model.meta_graphs:
-                nodes = [*meta.graph_def.node, *(n for f in meta.graph_def.library.function for n in f.node_def)]
-                for node in nodes:
-                    if node.op == "NeuronOp":
-                        node.attr["_automatic_multicore"].i = options.tag
+        ops = neuron_ops(model)
+        for node in ops:
+            if options.tag is not None:
+                node.attr["_automatic_multicore"].i = options.tag
+            if options.instance_type is not None:
+                node.attr["_instance_type"].s = options.instance_type.encode()
+        if options.last_op_target is not None:
+            ops[-1].attr["executable"].s = executable(options.last_op_target)
         write_saved_model(out, model)  # TensorFlow's fingerprint.pb is left as written: stale, as after any edit
     return out
 

@@ -2,8 +2,9 @@
 
 ``neuronize`` swaps each compute subgraph (MatMul/AddV2/Relu...) of a graph or function for one ``NeuronOp``
 node carrying the attributes tf-neuron writes, with the replaced subgraph in its ``graph_def`` attribute and a byte
-string standing for the NEFF. ``deneuronize`` inlines each NeuronOp's embedded graph again: the result loads in
-plain TensorFlow and must compute what the original model computed (the CPU check of the rewrite).
+string standing for the NEFF (with a NEFF header, or a placeholder without one). ``deneuronize`` inlines each
+NeuronOp's embedded graph again: the result loads in plain TensorFlow and must compute what the original model
+computed (the CPU check of the rewrite).
 
 Graphs (TF1) name tensors ``node:index``; functions (TF2) name them ``node:output_arg:index`` and refer to their
 arguments by bare name. ``_Scope`` hides that difference.
@@ -149,6 +150,11 @@ def neuronize_scope(scope: _Scope, name: str, executable: bytes, pipeline: int) 
         mapping[f"{producer}:{index}"] = scope.tensor(name, i, "NeuronOp")
     scope.replace_refs(mapping)
     return True
+
+
+def neuron_ops(model: saved_model_pb2.SavedModel) -> list[node_def_pb2.NodeDef]:
+    """Every NeuronOp, in the order they are serialized (each meta graph's graph, then its library's functions)."""
+    return [n for scope in _scopes(model) for n in scope.nodes if n.op == "NeuronOp"]
 
 
 def neuronize(model: saved_model_pb2.SavedModel, executable: bytes, pipeline: int = 1) -> int:

@@ -91,12 +91,19 @@ def _size(size: int) -> str:
     return f"{size:.1f} GiB"
 
 
+def _target(target: str | None, evidence: str | None, compiler: str | None) -> str:
+    if target is None:
+        return f"target unknown: {evidence or 'not recorded'}"
+    return f"target {target}" + (f", compiler {compiler}" if compiler else "")
+
+
 def _format(report: RewriteReport) -> str:
     lines = []
     for model in report.models:
         where = model.path + (f" (version {model.version})" if model.version else "")
-        lines.append(f"{where}: {len(model.neuron_ops)} NeuronOp node(s), fingerprint.pb {model.fingerprint}")
-        rows = [("META", "FUNCTION", "NODE", "TAG", "PIPELINE", "EXECUTABLE")]
+        found = f"{len(model.neuron_ops)} NeuronOp node(s), fingerprint.pb {model.fingerprint}"
+        lines.append(f"{where}: {found}; {_target(model.target, model.target_evidence, model.compiler)}")
+        rows = [("META", "FUNCTION", "NODE", "TAG", "PIPELINE", "EXECUTABLE", "TARGET")]
         rows += [
             (
                 str(op.meta_graph),
@@ -105,6 +112,7 @@ def _format(report: RewriteReport) -> str:
                 "-" if op.automatic_multicore is None else str(op.automatic_multicore),
                 "-" if op.pipeline_size is None else str(op.pipeline_size),
                 _size(op.executable_bytes),
+                op.target or "unknown",
             )
             for op in model.neuron_ops
         ]
@@ -115,7 +123,8 @@ def _format(report: RewriteReport) -> str:
     from_version = "" if report.source_version is None else f" from version {report.source_version}"
     if report.reused:
         earlier = f"published earlier by rewrite {report.rewrite_id}{from_version}"
-        lines.append(f"reused {report.output}: {earlier}, {tagged}")
+        target = _target(report.target, report.target_evidence, report.compiler)
+        lines.append(f"reused {report.output}: {earlier}, {tagged}; {target}")
     elif report.output:
         origin = f"{from_version} of {report.source}" if from_version else ""
         written = f"{_size(report.bytes_written)} in {report.seconds:.1f} s"

@@ -16,8 +16,8 @@ class UsageError(RewriteError):
 
 
 class InvalidModelError(RewriteError):
-    """The input is missing, is not a SavedModel (nor holds the selected version), or its ``saved_model.pb`` is
-    corrupt or truncated."""
+    """The input is missing, is not a SavedModel (nor holds the selected version), its ``saved_model.pb`` is
+    corrupt or truncated, or what its NeuronOps were compiled for cannot be (see neff.py)."""
 
     exit_code = 3
 
@@ -40,7 +40,8 @@ EXIT_CODES = {
     UsageError.exit_code: "bad arguments (e.g. --num_cores below 1, --select_version neither 'latest' nor >= 1)",
     InvalidModelError.exit_code: (
         "input missing, not a SavedModel, selected version missing or not a SavedModel, "
-        "or saved_model.pb corrupt/truncated"
+        "saved_model.pb corrupt/truncated, a NeuronOp whose NEFF header and _instance_type contradict each other, "
+        "or (rewrite only) NeuronOps of one SavedModel compiled for different NeuronCore generations"
     ),
     NotReplicableError.exit_code: "NeuronOp compiled with pipeline size > 1, or no NeuronOp (not compiled for Neuron)",
     OutputError.exit_code: "output exists (use --force), or output equals, contains or is inside the input",

@@ -21,12 +21,14 @@ FORMAT_VERSION = 1
 MARKER_FILE = ".neuron-rewrite.json"
 # The facts about the output; ``source`` is MODEL_DIR as the publishing run was given it.
 MARKER_KEYS = ("formatVersion", "rewriteId", "numCores", "sourceVersion", "neuronOps", "bytesWritten", "seconds")
+# What the model was compiled for: recorded too, but not required, as markers published before they existed lack them.
+TARGET_KEYS = ("target", "targetEvidence", "compiler")
 
 
 def write_marker(directory: Path, report: RewriteReport, fsync: bool) -> None:
     """Record ``report`` in ``directory``: call it after every other file of the output is written (and synced)."""
     facts = report.summary()
-    marker = {key: facts[key] for key in MARKER_KEYS} | {"source": report.source}
+    marker = {key: facts[key] for key in (*MARKER_KEYS, *TARGET_KEYS)} | {"source": report.source}
     write_file(directory / MARKER_FILE, (json.dumps(marker, indent=2) + "\n").encode(), fsync)
 
 
@@ -38,3 +40,10 @@ def read_marker(directory: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return marker if isinstance(marker, dict) and marker.keys() >= {*MARKER_KEYS, "source"} else None
+
+
+def recorded_target(marker: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
+    """The target, its evidence and the compiler as ``marker`` recorded them; None for any it lacks (an older
+    marker) or holds as something other than text."""
+    target, evidence, compiler = (value if isinstance(value := marker.get(key), str) else None for key in TARGET_KEYS)
+    return target, evidence, compiler

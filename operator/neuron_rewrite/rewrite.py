@@ -24,7 +24,7 @@ from .files import (
     tree_bytes,
     write_pieces,
 )
-from .marker import FORMAT_VERSION, MARKER_FILE, read_marker, write_marker
+from .marker import FORMAT_VERSION, MARKER_FILE, read_marker, recorded_target, write_marker
 from .report import ModelReport, RewriteReport
 from .s3tree import S3Path, S3Reader, is_s3, open_s3, write_pieces_from_s3
 from .scan import Piece, SavedModelScanner
@@ -160,7 +160,6 @@ def _scan(root: Path | S3Path, version: str | None, relative: Path, num_cores: i
     pb = root / relative / SAVED_MODEL
     _refuse_link_outside(pb, root)
     fingerprint = "present" if (root / relative / FINGERPRINT).exists() else "absent"
-    report = ModelReport(path=str(root / relative), version=version, fingerprint=fingerprint)
     if isinstance(pb, S3Path):
         scanner = SavedModelScanner(S3Reader(pb), str(pb), num_cores)
         plan = scanner.scan()
@@ -171,7 +170,15 @@ def _scan(root: Path | S3Path, version: str | None, relative: Path, num_cores: i
             plan = scanner.scan()
         finally:
             os.close(fd)
-    report.neuron_ops = scanner.neuron_ops
+    report = ModelReport(
+        path=str(root / relative),
+        version=version,
+        neuron_ops=scanner.neuron_ops,
+        fingerprint=fingerprint,
+        target=scanner.target.target,
+        target_evidence=scanner.target.evidence,
+        compiler=scanner.target.compiler,
+    )
     return _Model(version, relative, report, plan)
 
 
@@ -244,6 +251,7 @@ def _reuse(source: object, target: Path, num_cores: int, rewrite_id: str | None,
     marker = None if rewrite_id is None else read_marker(target)
     if marker is None or marker["rewriteId"] != rewrite_id or marker["numCores"] != num_cores:
         return None
+    compiled_for, evidence, compiler = recorded_target(marker)
     return RewriteReport(
         str(source),
         str(target),
@@ -255,6 +263,9 @@ def _reuse(source: object, target: Path, num_cores: int, rewrite_id: str | None,
         bytes_written=marker["bytesWritten"],
         seconds=_since(start),
         neuron_op_count=marker["neuronOps"],
+        target=compiled_for,
+        target_evidence=evidence,
+        compiler=compiler,
     )
 
 

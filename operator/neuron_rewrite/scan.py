@@ -7,7 +7,9 @@ Only the messages on the way to a NodeDef are entered:
                                                                -> FunctionDef.node_def(3)           (TF2 functions)
 
 Functions that call functions still live in the one flat library, so this reaches NeuronOps at any call depth.
-Attribute values are never entered: a NeuronOp's own ``graph_def`` attribute is opaque bytes to us.
+Attribute values are never entered: a NeuronOp's own ``graph_def`` attribute is opaque bytes to us. Of its
+``executable`` (the NEFF, possibly hundreds of MB) only the 1024-byte header is read, to tell what the op was
+compiled for (see neff.py).
 
 The plan is a list of pieces: ``(start, end)`` byte ranges of the source to copy as they are, and ``bytes`` to
 write in between (new length prefixes, the new attribute). Everything outside the edited nodes stays a range.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import neff
 from .errors import InvalidModelError, NotReplicableError
 from .report import NeuronOpInfo
 from .wire import (
@@ -38,7 +41,9 @@ NEURON_OP = b"NeuronOp"
 MULTICORE_ATTR = b"_automatic_multicore"
 _MODEL_CONFIG_ATTR = b"model_config"
 _EXECUTABLE_ATTR = b"executable"
-_KEYS_OF_INTEREST = {MULTICORE_ATTR, _MODEL_CONFIG_ATTR, _EXECUTABLE_ATTR}
+# Written by tensorflow-neuron's --extract-weights, as a string (see neff.py).
+_INSTANCE_TYPE_ATTR = b"_instance_type"
+_KEYS_OF_INTEREST = {MULTICORE_ATTR, _MODEL_CONFIG_ATTR, _EXECUTABLE_ATTR, _INSTANCE_TYPE_ATTR}
 _LONGEST_KEY = max(map(len, _KEYS_OF_INTEREST))
 # Names are reported, not needed in full: a bound keeps an absurd name from costing memory.
 _MAX_NAME = 4096
@@ -104,6 +109,10 @@ class _AttrEntry:
     value: Field | None
 
 
+def _where(function: str | None, meta_graph: int) -> str:
+    return f"function {function}" if function else f"meta graph {meta_graph}"
+
+
 class SavedModelScanner:
     """Walks one ``saved_model.pb``: lists its NeuronOps and, given ``num_cores``, plans the tagged copy."""
 
@@ -112,6 +121,7 @@ class SavedModelScanner:
         self.label = label
         self.num_cores = num_cores
         self.neuron_ops: list[NeuronOpInfo] = []
+        self.target = neff.combine([])  # of all its NeuronOps, once scanned
         self._meta_graph = -1
         self._function: str | None = None
 
@@ -119,9 +129,23 @@ class SavedModelScanner:
         """Return the plan for the whole file, or None when nothing changes."""
         try:
             self._check_top_level()
-            return self._message("SavedModel", 0, self.reader.size)
+            plan = self._message("SavedModel", 0, self.reader.size)
         except WireError as exc:
             raise InvalidModelError(f"{self.label}: corrupt or truncated protobuf ({exc})") from None
+        ops = [
+            neff.OpTarget(
+                f"{op.node!r} in {_where(op.function, op.meta_graph)}", op.target, op.target_evidence, op.compiler
+            )
+            for op in self.neuron_ops
+        ]
+        self.target = neff.combine(ops)
+        if self.target.conflict is not None and self.num_cores is not None:
+            # Inspection reports it; a rewrite would publish a model no NeuronCore can run whole.
+            raise InvalidModelError(
+                f"{self.label}: {self.target.conflict}: a NEFF runs only on the NeuronCore generation it was "
+                "compiled for, so no instance runs this model; recompile all of it for one generation"
+            )
+        return plan
 
     def _check_top_level(self) -> None:
         expected = {1: VARINT, 2: LENGTH_DELIMITED}  # saved_model_schema_version, meta_graphs
@@ -214,18 +238,30 @@ class SavedModelScanner:
         values = {a.key: a.value for a in attrs if a.key in _KEYS_OF_INTEREST and a.value is not None}
         tags = [a for a in attrs if a.key == MULTICORE_ATTR]
         model_config = self._int_list(values.get(_MODEL_CONFIG_ATTR))
+        executable_bytes, head = self._bytes_head(values.get(_EXECUTABLE_ATTR), neff.HEADER_SIZE)
+        instance_type = self._string(values.get(_INSTANCE_TYPE_ATTR))
+        where = _where(self._function, self._meta_graph)
+        try:
+            found, compiler = neff.classify_op(executable_bytes, head, instance_type)
+        except neff.ContradictoryEvidence as exc:
+            raise InvalidModelError(
+                f"{self.label}: NeuronOp {name!r} in {where} contradicts itself about the NeuronCore generation it "
+                f"was compiled for: {exc.first}, but {exc.second}; the model is damaged or its attributes were edited"
+            ) from None
         info = NeuronOpInfo(
             meta_graph=self._meta_graph,
             function=self._function,
             node=name,
             automatic_multicore=self._int(values.get(MULTICORE_ATTR)),
             pipeline_size=model_config[1] if len(model_config) > 1 else None,
-            executable_bytes=self._bytes_length(values.get(_EXECUTABLE_ATTR)),
+            executable_bytes=executable_bytes,
+            target=found.target,
+            target_evidence=found.evidence,
+            compiler=compiler,
         )
         self.neuron_ops.append(info)
         if self.num_cores is None:
             return None
-        where = f"function {info.function}" if info.function else f"meta graph {info.meta_graph}"
         if _MODEL_CONFIG_ATTR not in values:
             raise InvalidModelError(
                 f"{self.label}: NeuronOp {name!r} in {where} has no model_config attribute, which the Neuron "
@@ -255,11 +291,26 @@ class SavedModelScanner:
                 return as_int64(self.reader.varint(sub.value_start, sub.end)[0])
         return None
 
-    def _bytes_length(self, value: Field | None) -> int:
+    def _s(self, value: Field | None) -> Field | None:
+        """AttrValue.s(2), located but not read."""
         for sub in self._attr_value_fields(value):
             if sub.number == _ATTR_S and sub.wire_type == LENGTH_DELIMITED:
-                return sub.value_length
-        return 0
+                return sub
+        return None
+
+    def _bytes_head(self, value: Field | None, limit: int) -> tuple[int, bytes]:
+        """The length of AttrValue.s and at most its first ``limit`` bytes: (0, b"") when there is none."""
+        s = self._s(value)
+        if s is None:
+            return 0, b""
+        return s.value_length, self.reader.read(s.value_start, min(s.value_length, limit))
+
+    def _string(self, value: Field | None) -> str | None:
+        """AttrValue.s as text (bounded, as names are); None when there is none."""
+        s = self._s(value)
+        if s is None:
+            return None
+        return self.reader.read(s.value_start, min(s.value_length, _MAX_NAME)).decode("utf-8", "replace")
 
     def _int_list(self, value: Field | None) -> list[int]:
         """The first items of AttrValue.list(1).i(3), packed or not, as protobuf allows either on the wire."""

@@ -13,7 +13,9 @@ def _list(value: str) -> list[str]:
 @dataclass(frozen=True)
 class OperatorConfig:
     rewrite_image: str = ""  # image of the rewrite Job when a NeuronModel names none
-    serving_image: str = ""  # TF Serving image when a NeuronModel names none (no built-in default: see neuron.md)
+    # TF Serving image when a NeuronModel names none. No built-in default: no one image loads every compiler's
+    # models (the README's known-good pairs).
+    serving_image: str = ""
     scheduler_name: str = ""  # default schedulerName of serving pods (the Neuron scheduler extension)
     default_tolerations: list[dict] = field(default_factory=list)
     # A PodDisruptionBudget for models of more than one replica, unless their spec says otherwise.

@@ -1,5 +1,11 @@
-"""NeuronCores per node of each Neuron instance type (AWS's Neuron documentation, "Inf2/Trn1 architecture"), and
-which instance types a spec pins its serving pods to."""
+"""NeuronCores per node of each Neuron instance type, and which instance types a spec pins its serving pods to.
+
+The counts are chips per instance times NeuronCores per chip, from AWS's Neuron documentation
+(aws-neuron/aws-neuron-sdk about-neuron/arch/neuron-hardware/): inf1-arch.rst with inferentia.rst (four
+NeuronCore-v1 per chip), inf2-arch.rst with inferentia2.rst (two NeuronCore-v2), trn1-arch.rst with trainium.rst
+(two NeuronCore-v2), trn2-arch.rst with trainium2.rst (eight NeuronCore-v3, 128 on trn2.48xlarge's 16 chips), and
+for Trn2 about-neuron/arch/neuron-features/logical-neuroncore-config.rst: at the default LNC=2 "a Trn2.48xlarge
+instance presents 64 available NeuronCores"."""
 
 from __future__ import annotations
 
@@ -19,6 +25,10 @@ NEURONCORES_PER_NODE: dict[str, int] = {
     "trn1n.32xlarge": 32,
     "trn2.48xlarge": 64,  # logical cores at the default LNC=2 (128 physical)
 }
+# Instance families whose NeuronCores are logical: the count above is at the default LNC=2 (two physical cores
+# each), and the runtime's NEURON_LOGICAL_NC_CONFIG must match the LNC the model was compiled with (AWS Neuron
+# documentation, "Logical NeuronCore configuration").
+LOGICAL_CORE_FAMILIES = ("trn2",)
 INSTANCE_TYPE_LABELS = ("node.kubernetes.io/instance-type", "beta.kubernetes.io/instance-type")
 AUTO_CORES = "auto"
 
@@ -67,3 +77,19 @@ def cores_per_pod(spec: dict[str, Any]) -> int:
             "pin one, or set a number of NeuronCores"
         )
     return counts.pop()
+
+
+def auto_cores_note(spec: dict[str, Any]) -> str:
+    """How ``numCores: auto`` was resolved, for the status; "" when numCores is a number."""
+    if spec.get("numCores") != AUTO_CORES:
+        return ""
+    (instance_type,) = pinned_instance_types(spec) or {""}
+    cores = NEURONCORES_PER_NODE.get(instance_type)
+    if cores is None:
+        return ""
+    logical = (
+        f" logical NeuronCores at its default LNC=2 ({2 * cores} at LNC=1)"
+        if instance_type.split(".", 1)[0] in LOGICAL_CORE_FAMILIES
+        else " NeuronCores"
+    )
+    return f" (numCores auto: the {cores}{logical} of {instance_type})"

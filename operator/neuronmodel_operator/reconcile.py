@@ -9,7 +9,7 @@ import copy
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
@@ -52,13 +52,18 @@ from .status import (
     failure_message,
     job_outcome,
     job_waits_for_pod,
+    rewrite_facts,
     rewrite_report,
 )
+from .targets import image_warning, incompatible_target, unpinned_warning
 from .validation import SpecError, validate
 
 VERSION, PLURAL = "v1alpha1", "neuronmodels"
 CUSTOM_PLURALS = {"PodDisruptionBudget": "poddisruptionbudgets", "ServiceMonitor": "servicemonitors"}
 USER_AGENT = "neuronmodel-operator"
+# Writes fail on a field the API does not know (a typo, a newer field than the release serves, a CRD's narrower
+# schema) instead of dropping it in silence, which would read as drift at every reconcile.
+STRICT = "Strict"
 # (connect, read) seconds of every API call: a hung connection must not hold a model's lock for ever; the call
 # fails, and the reconcile is retried with back-off.
 REQUEST_TIMEOUT = (5.0, 30.0)
@@ -67,6 +72,7 @@ REWRITE_RETRY_SECONDS, MAX_REWRITE_RETRY_SECONDS = 30, 600
 # write, so a rollout of many pods costs a few writes, not one per pod event. Phase changes go out at once.
 COUNTS_INTERVAL_SECONDS = 5.0
 CLEANING_WAIT_SECONDS = 2.0
+REPORT_WAIT_SECONDS = 1.0
 # The Job controller records a pod it could not create (a quota, a webhook, Pod Security) only as a FailedCreate
 # Event on the Job; its first status (startTime, no pod active) is the last change such a Job makes. So a synced Job
 # without a pod (status.job_waits_for_pod) has its FailedCreate Events read, at that reconcile and, as the Event is
@@ -163,6 +169,8 @@ class Scope:
     model: Model
     config: OperatorConfig
     children: Children
+    # (kind, name) -> the paths of a child the API did not keep as set (status.fieldsNotKept): never repaired.
+    not_kept: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
 
 class Verbs(NamedTuple):
@@ -234,13 +242,14 @@ class Api:
         self.own.wrote(obj)
         return obj
 
-    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """The created object; the existing one when this model made it already (a restart, or the watch lagged
-        longer than OwnWrites waits). ChildRefused when the API refuses it or the name is someone else's."""
+    def create(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """The created object and True; the existing one and False when this model made it already (a restart, or
+        the watch lagged longer than OwnWrites waits). ChildRefused when the API refuses it or the name is someone
+        else's."""
         ns, kind, name = obj["metadata"]["namespace"], obj["kind"], obj["metadata"]["name"]
         verbs = self.verbs(obj)
         try:
-            created = self._wrote(verbs.create(ns, obj, _request_timeout=REQUEST_TIMEOUT))
+            created = self._wrote(verbs.create(ns, obj, field_validation=STRICT, _request_timeout=REQUEST_TIMEOUT))
         except ValidationError as exc:
             raise _refusal(exc, "create", kind, name) from exc
         except ApiException as exc:
@@ -255,9 +264,9 @@ class Api:
             )
             if not ours:
                 raise _foreign(existing) from exc
-            return existing
+            return existing, False
         log.info("created %s %s/%s", kind, ns, name)
-        return created
+        return created, True
 
     def replace(self, obj: dict[str, Any], why: str) -> dict[str, Any]:
         """PUT the whole object: a field the spec no longer sets (a nodeSelector, say) must go, not linger. Others'
@@ -275,7 +284,9 @@ class Api:
         if kind == "Service":  # and a Service's clusterIP never
             obj["spec"]["clusterIP"] = current["spec"].get("clusterIP")
         try:
-            replaced = self._wrote(verbs.replace(name, ns, obj, _request_timeout=REQUEST_TIMEOUT))
+            replaced = self._wrote(
+                verbs.replace(name, ns, obj, field_validation=STRICT, _request_timeout=REQUEST_TIMEOUT)
+            )
         except (ApiException, ValidationError) as exc:
             raise _refusal(exc, "update", kind, name) from exc
         log.info("updated %s %s/%s: %s", kind, ns, name, why)
@@ -286,7 +297,7 @@ class Api:
         patch = {"spec": {"replicas": replicas}}
         scaled = self._wrote(
             self.apps.patch_namespaced_deployment(
-                meta["name"], meta["namespace"], patch, _request_timeout=REQUEST_TIMEOUT
+                meta["name"], meta["namespace"], patch, field_validation=STRICT, _request_timeout=REQUEST_TIMEOUT
             )
         )
         log.info("scaled Deployment %s/%s to %d", meta["namespace"], meta["name"], replicas)
@@ -317,32 +328,66 @@ class Api:
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, {"status": status}, _request_timeout=REQUEST_TIMEOUT
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            {"status": status},
+            field_validation=STRICT,
+            _request_timeout=REQUEST_TIMEOUT,
         )
         self.own.wrote_status((namespace, model_label(name)), status)
 
 
-def _apply(
-    api: Api, owner: kopf.Body | dict, desired: dict[str, Any], observed: dict[str, Any] | None
-) -> dict[str, Any]:
+def _apply(scope: Scope, desired: dict[str, Any], observed: dict[str, Any] | None) -> dict[str, Any]:
     """Create what is missing; replace what no longer holds what we set: the model's spec changed (the spec-hash
     annotation differs) or someone changed one of our fields (drift, told as an Event). Writes nothing otherwise.
     Returns the object as it now is, so the status written in the same reconcile already tells of it."""
+    api, owner = scope.api, scope.body
     if observed is None:
         kopf.adopt(desired, owner=owner)  # owner reference: garbage collected with the model
-        return api.create(desired)
+        created, new = api.create(desired)
+        return _kept(scope, desired, created) if new else created
     if not owned_by(observed, owner["metadata"]["uid"]):
         raise _foreign(observed)  # labelled like ours (a copied manifest), made by someone else
     if _spec_hash(observed) != _spec_hash(desired):
-        return api.replace(desired, "the model's spec changed")
-    drift = drifted(_set_fields(desired), _set_fields(observed))
+        return _kept(scope, desired, api.replace(desired, "the model's spec changed"))
+    kind, name = desired["kind"], desired["metadata"]["name"]
+    not_kept = scope.not_kept.get((kind, name)) or []
+    drift = [path for path in drifted(_set_fields(desired), _set_fields(observed)) if path not in not_kept]
     if not drift:
         return observed
-    fields = ", ".join(drift[:3]) + (f" and {len(drift) - 3} more" if len(drift) > 3 else "")
-    repaired = api.replace(desired, f"changed outside the operator: {fields}")
-    kind, name = desired["kind"], desired["metadata"]["name"]
-    kopf.info(owner, reason="DriftRepaired", message=f"restored {kind} {name}: {fields}")
+    repaired = _kept(scope, desired, api.replace(desired, f"changed outside the operator: {_listed(drift)}"))
+    restored = [path for path in drift if path not in scope.not_kept.get((kind, name), [])]
+    if restored:
+        kopf.info(owner, reason="DriftRepaired", message=f"restored {kind} {name}: {_listed(restored)}")
     return repaired
+
+
+def _kept(scope: Scope, desired: dict[str, Any], written: dict[str, Any]) -> dict[str, Any]:
+    """Note the fields the API did not keep as we wrote them (a mutating webhook removed or changed them, or a
+    feature gate drops them): telling them once, in a Warning and the status, and never writing them again for
+    this spec, where repairing them would be a write at every reconcile, undone by the same hand each time."""
+    kind, name = desired["kind"], desired["metadata"]["name"]
+    lost = drifted(_set_fields(desired), _set_fields(written))
+    if lost == (scope.not_kept.get((kind, name)) or []):
+        return written
+    if lost:
+        scope.not_kept[(kind, name)] = lost
+        kopf.warn(
+            scope.body,
+            reason="FieldsNotKept",
+            message=f"the API did not keep {kind} {name}'s {_listed(lost)} as the operator wrote them (a mutating "
+            "admission webhook, or a feature gate of the cluster, changed them): left as they are, not repaired",
+        )
+    else:
+        scope.not_kept.pop((kind, name), None)
+    return written
+
+
+def _listed(paths: list[str]) -> str:
+    return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
 
 
 def _set_fields(obj: dict[str, Any]) -> dict[str, Any]:
@@ -387,10 +432,11 @@ def reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Oper
     if meta.get("deletionTimestamp"):
         return None  # the garbage collector removes the children through their owner references
     model = Model.from_body(dict(body))
-    scope = Scope(api, body, model, config, children)
     key = (model.namespace, model_label(model.name))
     # Our own last write is newer than what the index may still show (the watch event of that write can lag).
     previous = api.own.status(key, dict(body.get("status") or {}))
+    not_kept = {(c["kind"], c["name"]): list(c["fields"]) for c in previous.get("fieldsNotKept") or []}
+    scope = Scope(api, body, model, config, children, not_kept)
     error: SpecError | None = None
     rewrite_id: str | None = None
     job = None
@@ -401,6 +447,7 @@ def reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Oper
         error = exc
     published = False
     refused: ChildRefused | None = None
+    incompatible: str | None = None
     if error is None:
         rewrite_id = model.rewrite_id()
         job = children.jobs.get(job_name(model.name, rewrite_id))
@@ -414,20 +461,36 @@ def reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Oper
                 retry.wait = CLEANING_WAIT_SECONDS  # a new rewrite's directory would not be among those kept
             else:
                 job = _run_rewrite(scope, job, published, retry)
-            _serve(scope, rewrite_id, published or job_outcome(job) == "Complete")
+            complete = published or job_outcome(job) == "Complete"
+            pods = children.pods_of_job(_name(job))
+            if complete and not published and not all(_terminal(p) for p in pods):
+                # The pod's last event trails the Job's: its report, which says where the model can run, first.
+                retry.wait = REPORT_WAIT_SECONDS
+            else:
+                target = _reported(previous, rewrite_id, complete, pods).get("target")
+                # Before any serving pod: the node's runtime would refuse the model, after the node group scaled up.
+                incompatible = incompatible_target(model.spec, target) if complete else None
+                if incompatible is None:
+                    _serve(scope, rewrite_id, complete)
         except ChildRefused as exc:
             refused = exc
-    job_pods = children.pods_of_job((job or {}).get("metadata", {}).get("name"))
+    job_pods = children.pods_of_job(_name(job))
     serving_pods = [
         p for p in children.pods if (p["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "serving"
     ]
     observed = Observed(job, job_pods, children.deployment, serving_pods, children.service, published)
     if refused is not None:
         observed.refused = (refused.reason, str(refused))
+    elif incompatible is not None:
+        observed.refused = ("IncompatibleTarget", incompatible)
     observed.job_refused, recheck = _creation_refusal(api, job, job_pods)
     status = compute_status(model, meta.get("generation", 1), rewrite_id, error, observed, previous, now(), retry)
     metrics.MODEL_PHASES.set(key, status["phase"])
+    _warn_placement(body, model, config, status, previous)
     status["store"] = previous.get("store")
+    status["fieldsNotKept"] = [
+        {"kind": kind, "name": name, "fields": fields} for (kind, name), fields in sorted(scope.not_kept.items())
+    ] or None
     if status["phase"] == "Ready" and rewrite_id is not None:
         # Only once the new rewrite serves in full: until then a revert must find the old rewrite's Job complete,
         # and a pod of the old rollout restarting must find the batching file it mounts.
@@ -441,6 +504,41 @@ def reconcile(body: kopf.Body | dict, children: Children, api: Api, config: Oper
     if refused is not None:
         raise refused  # told in the status; the caller retries with a growing back-off
     return min((r for r in (requeue, recheck) if r is not None), default=None)
+
+
+def _terminal(pod: dict[str, Any]) -> bool:
+    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+
+def _name(obj: dict[str, Any] | None) -> str | None:
+    return (obj or {}).get("metadata", {}).get("name")
+
+
+def _reported(
+    previous: dict[str, Any], rewrite_id: str | None, complete: bool, pods: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """What the complete rewrite reported (status.rewrite's facts), before the status is computed."""
+    return rewrite_facts(previous, rewrite_id, "Complete" if complete else "Running", pods, now())
+
+
+def _warn_placement(
+    body: kopf.Body | dict, model: Model, config: OperatorConfig, status: dict[str, Any], previous: dict[str, Any]
+) -> None:
+    """Tell, once per rewrite and per spec, where the model's pods may land on nodes or in an image that cannot run
+    what it was compiled for (the refusals that are certain stop it before serving: incompatible_target)."""
+    rewrite, before = status.get("rewrite") or {}, previous.get("rewrite") or {}
+    if not rewrite.get("publishedAt"):
+        return
+    told = before.get("id") == rewrite.get("id") and before.get("publishedAt")
+    if told and previous.get("observedGeneration") == status.get("observedGeneration"):
+        return
+    unpinned = unpinned_warning(model.spec, rewrite.get("target"))
+    if unpinned is not None:
+        kopf.warn(body, reason="TargetNotPinned", message=unpinned)
+    image = model.serving.get("image") or config.serving_image
+    mismatch = image_warning(image, rewrite.get("target"), rewrite.get("compiler"))
+    if mismatch is not None:
+        kopf.warn(body, reason="ServingImageMismatch", message=mismatch)
 
 
 def _creation_refusal(
@@ -481,7 +579,7 @@ def _tend_store(
         return store, None
     job = children.cleanups.get(name)
     if job is None:
-        job = _apply(api, body, store_cleanup_job(model, scope.config, store["served"], rewrite_id), None)
+        job = _apply(scope, store_cleanup_job(model, scope.config, store["served"], rewrite_id), None)
     outcome = job_outcome(job)
     if outcome == "Running":
         # A refusal of its pod is told as the clean-up's error until the pod is created (then as it ends).
@@ -541,7 +639,7 @@ def clean_up_deleted(body: kopf.Body | dict, api: Api, config: OperatorConfig, o
             sharing[0].name,
         )
         return
-    api.create(store_cleanup_job(model, config, [], None))
+    api.create(store_cleanup_job(model, config, [], None))  # no status to tell a field not kept in
 
 
 def finish_deleted_cleanups(api: Api, children: Children) -> None:
@@ -574,7 +672,7 @@ def _run_rewrite(scope: Scope, job: dict[str, Any] | None, published: bool, retr
     """Create the rewrite's Job unless it is published; run a failed one again when due. Returns the Job."""
     desired = rewrite_job(scope.model, scope.config)
     if job is None and not published:
-        return _apply(scope.api, scope.body, desired, None)
+        return _apply(scope, desired, None)
     if job is not None and job_outcome(job) == "Failed":
         # The source may be repaired or uploaded in place: run the rewrite again after a growing back-off; at once
         # when the Job itself was changed (its securityContext, say): that may well be the fix.
@@ -590,29 +688,30 @@ def _run_rewrite(scope: Scope, job: dict[str, Any] | None, published: bool, retr
 
 def _serve(scope: Scope, rewrite_id: str, complete: bool) -> None:
     """Serve the rewrite once complete; until then the pods keep serving the old one, at the spec's replica count."""
-    api, body, model, config, children = scope.api, scope.body, scope.model, scope.config, scope.children
+    api, model, config, children = scope.api, scope.model, scope.config, scope.children
     served = children.deployment
     if complete:
         config_map = batching_config_map(model)
         if config_map is not None:  # before the Deployment whose pods mount it
-            _apply(api, body, config_map, children.config_map)
-        children.deployment = _apply(api, body, serving_deployment(model, config, rewrite_id), served)
+            _apply(scope, config_map, children.config_map)
+        children.deployment = _apply(scope, serving_deployment(model, config, rewrite_id), served)
     elif served is not None and served["spec"].get("replicas") != model.spec.get("replicas", 1):
         children.deployment = api.scale_deployment(served, model.spec.get("replicas", 1))
     if served is not None or complete:
-        children.service = _apply(api, body, serving_service(model), children.service)
-        children.budget = _apply_optional(api, body, disruption_budget(model, config), children.budget)
-        children.monitor = _apply_optional(api, body, service_monitor(model, config), children.monitor)
+        children.service = _apply(scope, serving_service(model), children.service)
+        children.budget = _apply_optional(scope, disruption_budget(model, config), children.budget)
+        children.monitor = _apply_optional(scope, service_monitor(model, config), children.monitor)
 
 
 def _apply_optional(
-    api: Api, owner: kopf.Body | dict, desired: dict[str, Any] | None, observed: dict[str, Any] | None
+    scope: Scope, desired: dict[str, Any] | None, observed: dict[str, Any] | None
 ) -> dict[str, Any] | None:
     """A child the spec may not call for (a budget at one replica, metrics turned off): removed when it does not."""
     if desired is not None:
-        return _apply(api, owner, desired, observed)
+        return _apply(scope, desired, observed)
     if observed is not None:
-        api.delete(observed, "unneeded")
+        scope.api.delete(observed, "unneeded")
+        scope.not_kept.pop((observed["kind"], observed["metadata"]["name"]), None)
     return None
 
 

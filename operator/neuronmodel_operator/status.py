@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .builders import CORES_ANNOTATION, REWRITE_ANNOTATION, VERSION_ANNOTATION, Model, endpoints
+from .instances import auto_cores_note
 from .naming import selector_string
 from .validation import SpecError
 
@@ -22,6 +23,9 @@ REPORT_FIELDS = {
     "bytesWritten": "bytesWritten",
     "durationSeconds": "seconds",
     "reused": "reused",
+    "target": "target",
+    "targetEvidence": "targetEvidence",
+    "compiler": "compiler",
 }
 # Waiting reasons of a container that will not clear by themselves (a kubelet retries, the cause stays), by the
 # condition reason that reports them. ContainerCreating and PodInitializing clear by themselves.
@@ -216,7 +220,7 @@ def creation_refused(events: list[dict[str, Any]], pods: list[dict[str, Any]]) -
     return f"its pod cannot be created: {_refusal_words(message)}"
 
 
-def _rewrite_facts(
+def rewrite_facts(
     previous: dict[str, Any], rewrite_id: str | None, outcome: str, pods: list[dict[str, Any]], now: str
 ) -> dict[str, Any]:
     """When the rewrite was published and what it did: from its report while its pod exists, else as recorded."""
@@ -229,6 +233,13 @@ def _rewrite_facts(
     for key, reported in REPORT_FIELDS.items():
         facts[key] = report.get(reported, kept.get(key))
     return facts
+
+
+def _compiled_for(facts: dict[str, Any]) -> str:
+    if facts.get("target") is None:
+        return ""
+    compiler = f" by compiler {facts['compiler']}" if facts.get("compiler") else ""
+    return f"; compiled for {facts['target']}{compiler}"
 
 
 def _from_source(facts: dict[str, Any]) -> str:
@@ -258,7 +269,7 @@ def compute_status(
     annotations = ((deployment or {}).get("metadata") or {}).get("annotations") or {}
     served_id = annotations.get(REWRITE_ANNOTATION)
     outcome = "Complete" if observed.published else job_outcome(observed.job)
-    facts = _rewrite_facts(previous, rewrite_id, outcome, observed.job_pods, now)
+    facts = rewrite_facts(previous, rewrite_id, outcome, observed.job_pods, now)
 
     if error is not None:
         rewrite = _condition(REWRITE_SUCCEEDED, None, error.reason, str(error))
@@ -269,8 +280,8 @@ def compute_status(
             REWRITE_SUCCEEDED,
             True,
             "RewriteSucceeded",
-            f"{tagged}{_from_source(facts)} tagged for {model.cores} NeuronCores, published as version "
-            f"{model.version}{reused}",
+            f"{tagged}{_from_source(facts)} tagged for {model.cores} NeuronCores{auto_cores_note(spec)}, published "
+            f"as version {model.version}{reused}{_compiled_for(facts)}",
         )
     elif outcome == "Failed":
         message = failure_message(observed.job or {}, observed.job_pods)

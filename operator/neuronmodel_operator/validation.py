@@ -131,8 +131,9 @@ def check_instance_capacity(spec: dict[str, Any]) -> None:
         listed = ", ".join(f"{t} ({c} NeuronCores per node)" for t, c in sorted(known.items()))
         raise SpecError(
             "InsufficientInstanceCores",
-            f"spec.numCores is {cores} but the pods are pinned to {listed}: no such node can ever run them; "
-            "lower numCores or choose a larger instance type",
+            f"spec.numCores is {cores} but the pods are pinned to {listed}: no such node can ever run them (a pod "
+            "gets its NeuronCores from one node; counts per instance type from AWS Neuron documentation, trn2 in "
+            "logical NeuronCores at its default LNC=2); lower numCores or choose a larger instance type",
         )
 
 

@@ -6,7 +6,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from localcluster.serving import check_serving_container
+from neuron_modelgen import Options, build_model
 from neuron_rewrite import rewrite_model
+from neuron_rewrite.neff import V1
 from synthetic_models import saved_model, write_model
 
 SERVER = SimpleNamespace(
@@ -73,3 +75,26 @@ def test_a_monitoring_config_it_cannot_read_stops_the_server_as_the_real_one(tmp
     )
     config.write_text('prometheus_config { enable: true, path: "/monitoring/prometheus/metrics" }')
     assert check_with_config() is None
+
+
+def test_a_neff_of_another_neuroncore_generation_than_the_nodes_is_refused_in_the_runtimes_words(
+    tmp_path: Path,
+) -> None:
+    """As the Neuron runtime: NRT_FAILURE(6) for a NEFF compiled for another target architecture. A NEFF that does
+    not tell its generation loads anywhere (the runtime would know; the stand-in cannot, so it lets it by)."""
+    inf1 = build_model(tmp_path / "inf1", Options(target=V1))  # neuron-cc's NEFF 0.6
+    unknown = build_model(tmp_path / "unknown", Options())
+    for compiled, base in ((inf1, tmp_path / "inf1-base"), (unknown, tmp_path / "unknown-base")):
+        rewrite_model(compiled, base / "1", 2)
+
+    def on(base: Path, instance_type: str) -> str | None:
+        return check_serving_container(SERVER, {}, 2, lambda path: path.replace("/models/m", str(base)), instance_type)
+
+    refusal = on(tmp_path / "inf1-base", "inf2.xlarge") or ""
+    assert refusal.startswith("failed to load servable m version 1: NeuronOp "), refusal
+    assert refusal.endswith(
+        ": NRT_FAILURE(6): The NEFF was compiled for a different target architecture than the current instance "
+        "(NeuronCore-v1 NEFF, inf2.xlarge has NeuronCore-v2)"
+    ), refusal
+    assert on(tmp_path / "inf1-base", "inf1.xlarge") is None
+    assert on(tmp_path / "unknown-base", "inf2.xlarge") is None

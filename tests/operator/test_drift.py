@@ -1,5 +1,6 @@
 """Fields the operator sets on its children are put back when someone changes them (a `kubectl edit`), and told;
-fields it does not set are left alone, and nothing is written while nothing differs."""
+fields it does not set are left alone, and nothing is written while nothing differs. Fields the API itself does not
+keep (a mutating webhook) are told once and never written again."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from webhooks import admission_webhook, json_patch
 
 from conftest import Env, neuron_model, wait_for
 
@@ -82,3 +84,69 @@ def test_hand_edits_of_owned_fields_are_restored_once_and_told(env: Env, models:
     assert writes[("update", "services", "")] == 1, writes
     assert writes[("update", "configmaps", "")] == 1, writes
     assert not writes[("create", "deployments", "")] and not writes[("delete", "deployments", "")], writes
+
+
+OPT_OUT = "mesh.example.com/inject"  # an annotation a cluster's policy forbids on pods, as Kyverno rules strip one
+
+
+def strip_opt_out(request: dict[str, Any]) -> dict[str, Any]:
+    """A policy engine's mutating rule: Deployments may not carry OPT_OUT on their pods; it is removed."""
+    annotations = request["object"]["spec"]["template"]["metadata"].get("annotations") or {}
+    if OPT_OUT not in annotations:
+        return {"allowed": True}
+    escaped = OPT_OUT.replace("~", "~0").replace("/", "~1")
+    return json_patch([{"op": "remove", "path": f"/spec/template/metadata/annotations/{escaped}"}])
+
+
+def fields_not_kept_told(env: Env, name: str) -> list[Any]:
+    selector = f"involvedObject.name={name},reason=FieldsNotKept"
+    return env.core.list_namespaced_event(env.namespace, field_selector=selector).items
+
+
+def a_reconcile(env: Env, name: str, retain: int) -> None:
+    """Evidence that the operator reconciled the model again: a spec change that changes none of its children (how
+    many rewrites the store keeps) observed in the status."""
+    env.patch_spec(name, {"store": {"retainRewrites": retain}})
+    generation = env.model(name)["metadata"]["generation"]
+    wait_for(lambda: env.status(name).get("observedGeneration") == generation, what=f"generation {generation} seen")
+    assert env.status(name)["phase"] == "Ready"
+
+
+def test_a_field_a_mutating_webhook_strips_is_told_once_and_never_written_again(
+    env: Env, models: dict[str, Path]
+) -> None:
+    env.hostpath_claim("compiled", models["resnet50"])
+    rule = {"operations": ["CREATE", "UPDATE"], "apiGroups": ["apps"], "apiVersions": ["v1"]}
+    rule["resources"] = ["deployments"]
+    manifest = neuron_model("policed", "compiled", cores=1)
+    manifest["spec"]["serving"]["podAnnotations"] = {OPT_OUT: "false", "team": "search"}
+    with admission_webhook(
+        env, "strip-opt-out.policy.test", True, rule, {"app.kubernetes.io/component": "serving"}, strip_opt_out
+    ):
+        offset = env.audit_offset()
+        assert env.apply(manifest).returncode == 0
+        env.wait_phase("policed", "Ready")
+        template = env.apps.read_namespaced_deployment("policed", env.namespace).spec.template.metadata
+        assert OPT_OUT not in template.annotations and template.annotations["team"] == "search"
+        path = f"spec.template.metadata.annotations.{OPT_OUT}"
+        assert env.status("policed")["fieldsNotKept"] == [{"kind": "Deployment", "name": "policed", "fields": [path]}]
+        (told,) = wait_for(lambda: fields_not_kept_told(env, "policed"), what="a FieldsNotKept Warning")
+        assert told.type == "Warning" and f"Deployment policed's {path}" in told.message, told.message
+
+        # Reconciles, in this process and after a restart (which reads what was not kept from the status): no
+        # write to the Deployment beyond its creation, and no second Warning.
+        a_reconcile(env, "policed", retain=2)
+        env.stop_operator()
+        env.start_operator()
+        a_reconcile(env, "policed", retain=3)
+        writes = Counter(env.operator_writes(offset))
+        assert writes[("create", "deployments", "")] == 1, writes
+        assert not writes[("update", "deployments", "")], writes
+        assert len(fields_not_kept_told(env, "policed")) == 1
+        assert "DriftRepaired" not in {e.reason for e in env.core.list_namespaced_event(env.namespace).items}
+
+    # Without the webhook, the next write (a spec change) keeps the field, and the status says so.
+    env.patch_spec("policed", {"serving": {"podAnnotations": {OPT_OUT: "false", "team": "ranking"}}})
+    wait_for(lambda: "fieldsNotKept" not in env.status("policed"), what="fieldsNotKept cleared")
+    template = env.apps.read_namespaced_deployment("policed", env.namespace).spec.template.metadata
+    assert template.annotations[OPT_OUT] == "false" and template.annotations["team"] == "ranking"

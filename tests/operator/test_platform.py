@@ -208,43 +208,61 @@ def test_the_operator_counts_reconciles_errors_phases_and_rewrite_durations(env:
     wait_for(lambda: scrape(port)['neuronmodel_models{phase="Failed"}'] == 0, what="the deleted model forgotten")
 
 
-SERVICE_MONITOR_CRD = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
-    "spec": {
-        "group": "monitoring.coreos.com",
-        "names": {"kind": "ServiceMonitor", "plural": "servicemonitors", "singular": "servicemonitor"},
-        "scope": "Namespaced",
-        "versions": [
-            {
-                "name": "v1",
-                "served": True,
-                "storage": True,
-                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
-            }
-        ],
+OPEN_SCHEMA = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+# A ServiceMonitor schema without spec.namespaceSelector, which the operator sets: a trimmed or older copy of the
+# Prometheus operator's CRD. Without strict field validation the API would drop the field at every write.
+NARROW_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "spec": {
+            "type": "object",
+            "properties": {
+                "selector": OPEN_SCHEMA,
+                "endpoints": {"type": "array", "items": OPEN_SCHEMA},
+            },
+        }
     },
 }
 
 
-@pytest.fixture
-def prometheus_operator_crd(env: Env) -> Iterator[None]:
-    """The Prometheus operator's ServiceMonitor CRD (its schema left open), for one test: the others run without."""
+def service_monitor_crd(schema: dict[str, Any]) -> dict[str, Any]:
+    version = {"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": schema}}
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+        "spec": {
+            "group": "monitoring.coreos.com",
+            "names": {"kind": "ServiceMonitor", "plural": "servicemonitors", "singular": "servicemonitor"},
+            "scope": "Namespaced",
+            "versions": [version],
+        },
+    }
+
+
+@pytest.fixture(params=[OPEN_SCHEMA], ids=["open"])
+def prometheus_operator_crd(env: Env, request: pytest.FixtureRequest) -> Iterator[None]:
+    """The Prometheus operator's ServiceMonitor CRD (its schema left open unless the test asks for another), for one
+    test: the others run without. The operator is restarted to see it (it reads the served API groups at start)."""
     extensions = client.ApiextensionsV1Api(env.cluster.api)
-    extensions.create_custom_resource_definition(SERVICE_MONITOR_CRD)
+    crd = service_monitor_crd(request.param)
+    extensions.create_custom_resource_definition(crd)
     wait_for(
         lambda: any(
             c.type == "Established" and c.status == "True"
-            for c in extensions.read_custom_resource_definition(
-                SERVICE_MONITOR_CRD["metadata"]["name"]
-            ).status.conditions
-            or []
+            for c in extensions.read_custom_resource_definition(crd["metadata"]["name"]).status.conditions or []
         ),
         what="the ServiceMonitor CRD established",
     )
+    env.stop_operator()
+    env.start_operator()
     yield
-    extensions.delete_custom_resource_definition(SERVICE_MONITOR_CRD["metadata"]["name"])
+    name = crd["metadata"]["name"]
+    extensions.delete_custom_resource_definition(name)
+    wait_for(
+        lambda: name not in {c.metadata.name for c in extensions.list_custom_resource_definition().items},
+        what="the ServiceMonitor CRD gone",
+    )
 
 
 def service_monitor(env: Env, name: str) -> dict[str, Any] | None:
@@ -261,8 +279,6 @@ def service_monitor(env: Env, name: str) -> dict[str, Any] | None:
 def test_a_service_monitor_points_prometheus_at_tf_servings_metrics_where_its_crd_is_installed(
     env: Env, models: dict[str, Path], prometheus_operator_crd: None
 ) -> None:
-    env.stop_operator()
-    env.start_operator()  # it reads which API groups are served at start
     env.hostpath_claim("compiled", models["resnet50"])
     assert env.apply(neuron_model("watched", "compiled", cores=1)).returncode == 0
     env.wait_phase("watched", "Ready")
@@ -277,3 +293,20 @@ def test_a_service_monitor_points_prometheus_at_tf_servings_metrics_where_its_cr
     env.patch_spec("watched", {"serving": {"metrics": {"enabled": False}}})
     wait_for(lambda: service_monitor(env, "watched") is None, what="the ServiceMonitor removed with the metrics")
     env.wait_phase("watched", "Ready")
+
+
+@pytest.mark.parametrize("prometheus_operator_crd", [NARROW_SCHEMA], ids=["narrow"], indirect=True)
+def test_a_field_the_apis_schema_lacks_is_refused_in_its_words_not_dropped_and_repaired_forever(
+    env: Env, models: dict[str, Path], prometheus_operator_crd: None
+) -> None:
+    env.hostpath_claim("compiled", models["resnet50"])
+    offset = env.audit_offset()
+    assert env.apply(neuron_model("strict", "compiled", cores=1)).returncode == 0
+    condition = wait_for(
+        lambda: (c := env.condition("strict", "Ready")).get("reason") == "ChildRejected" and c,
+        what="the ServiceMonitor refused",
+    )
+    assert condition["message"].startswith("the API refused to create ServiceMonitor strict: "), condition
+    assert 'unknown field "spec.namespaceSelector"' in condition["message"], condition
+    assert service_monitor(env, "strict") is None  # not created without the field, to be "repaired" ever after
+    assert not [w for w in env.operator_writes(offset) if w[:2] == ("update", "servicemonitors")]

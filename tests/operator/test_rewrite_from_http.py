@@ -17,6 +17,8 @@ from neuron_rewrite import rewrite_model
 from neuron_rewrite.marker import MARKER_FILE
 from synthetic_models import tree_digest
 
+pytestmark = pytest.mark.cluster
+
 
 @pytest.fixture
 def www(tmp_path: Path) -> Iterator[ArchiveServer]:

@@ -3,23 +3,17 @@ own, containers that cannot start, zero replicas, and the batching ConfigMap's l
 
 from __future__ import annotations
 
-import base64
-import http.server
-import json
-import ssl
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+from webhooks import admission_webhook, json_patch
 
 from conftest import Env, neuron_model, wait_for
-from localcluster.identitywebhook import _serving_certificate
 
 pytestmark = pytest.mark.cluster
 
@@ -193,67 +187,16 @@ def test_a_limit_range_refusing_serving_pods_is_told_in_its_words_then_recovers_
 DENIAL = "serving pods are frozen in this namespace until the change freeze ends"
 
 
-class _Deny(http.server.BaseHTTPRequestHandler):
-    """A validating admission webhook that refuses every pod it is asked about, with DENIAL."""
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-    def do_POST(self) -> None:
-        review = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        answer = {"uid": review["request"]["uid"], "allowed": False, "status": {"code": 403, "message": DENIAL}}
-        body = json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": answer})
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body.encode())
-
-
-@contextmanager
-def denying_webhook(env: Env) -> Iterator[str]:
-    """The webhook served from this process with a CA of its own, registered for the serving pods of the test's
-    namespace only. Yields the configuration's name."""
-    ca = _serving_certificate(env.tmp)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(env.tmp / "tls.crt", env.tmp / "tls.key")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Deny)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    name = f"deny-serving-{env.namespace}"
-    admission = client.AdmissionregistrationV1Api(env.cluster.api)
-    admission.create_validating_webhook_configuration(
-        {
-            "metadata": {"name": name},
-            "webhooks": [
-                {
-                    "name": "deny-serving.neuron.test",
-                    "clientConfig": {
-                        "url": f"https://127.0.0.1:{server.server_address[1]}/validate",
-                        "caBundle": base64.b64encode(ca).decode(),
-                    },
-                    "rules": [
-                        {"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}
-                    ],
-                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": env.namespace}},
-                    "objectSelector": {"matchLabels": {"app.kubernetes.io/component": "serving"}},
-                    "failurePolicy": "Fail",
-                    "sideEffects": "None",
-                    "admissionReviewVersions": ["v1"],
-                    "timeoutSeconds": 5,
-                }
-            ],
-        }
+def denying_webhook(env: Env) -> AbstractContextManager[str]:
+    """A validating webhook refusing every serving pod of the test's namespace, with DENIAL."""
+    return admission_webhook(
+        env,
+        "deny-serving.neuron.test",
+        mutating=False,
+        rule={"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]},
+        object_selector={"app.kubernetes.io/component": "serving"},
+        answer=lambda request: {"allowed": False, "status": {"code": 403, "message": DENIAL}},
     )
-    try:
-        yield name
-    finally:
-        try:
-            admission.delete_validating_webhook_configuration(name)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-        server.shutdown()
 
 
 def test_a_validating_webhook_refusing_serving_pods_is_told_in_its_words_then_recovers_when_removed(
@@ -428,3 +371,42 @@ def test_the_batching_config_map_is_recreated_when_deleted_and_removed_when_batc
         what="the ConfigMap deleted once batching is off",
     )
     env.wait_phase("batched", "Ready")
+
+
+MESH_INIT = {
+    "name": "mesh-init",
+    "image": "registry.example/mesh/proxy-init:1.0",
+    # What a mesh's init container does when the node lacks what it needs: it fails before the rewrite starts.
+    "command": ["sh", "-c", "echo 'iptables: permission denied (you must be root)' >&2; exit 2"],
+    "securityContext": {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    },
+}
+
+
+def inject_mesh_init(request: dict[str, Any]) -> dict[str, Any]:
+    """A service mesh's injector: every pod of the namespace gets its init container first."""
+    if request["object"]["spec"].get("initContainers"):
+        return json_patch([{"op": "add", "path": "/spec/initContainers/0", "value": MESH_INIT}])
+    return json_patch([{"op": "add", "path": "/spec/initContainers", "value": [MESH_INIT]}])
+
+
+def test_an_injected_init_container_that_fails_is_named_with_its_exit_code_in_the_rewrites_failure(
+    env: Env, models: dict[str, Path]
+) -> None:
+    env.hostpath_claim("compiled", models["resnet50"])
+    rule = {"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}
+    with admission_webhook(
+        env, "inject.mesh.test", True, rule, {"app.kubernetes.io/component": "rewrite"}, inject_mesh_init
+    ):
+        assert env.apply(neuron_model("meshed", "compiled", cores=1)).returncode == 0
+        env.wait_phase("meshed", "Failed", timeout=180)  # the Job's back-off: three pods, each refused by mesh-init
+    (job,) = env.jobs()
+    condition = env.condition("meshed", "RewriteSucceeded")
+    assert condition["reason"] == "RewriteFailed", condition
+    failed = f"rewrite Job {job.metadata.name} failed (BackoffLimitExceeded): "
+    assert condition["message"].startswith(failed), condition
+    assert "init container mesh-init exited 2 (Error)" in condition["message"], condition
+    assert not env.apps.list_namespaced_deployment(env.namespace).items  # nothing served a rewrite that never ran

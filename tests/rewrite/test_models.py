@@ -148,7 +148,17 @@ def test_inspect_json_lists_every_op(models: dict[str, Path]) -> None:
     report = json.loads(result.stdout)
     assert report["output"] is None and report["neuron_op_count"] == 4
     op = report["models"][0]["neuron_ops"][0]
-    assert set(op) == {"meta_graph", "function", "node", "automatic_multicore", "pipeline_size", "executable_bytes"}
+    assert set(op) == {
+        "meta_graph",
+        "function",
+        "node",
+        "automatic_multicore",
+        "pipeline_size",
+        "executable_bytes",
+        "target",
+        "target_evidence",
+        "compiler",
+    }
     text = cli(models["tf2"], "--inspect").stdout
     assert "neuron_op_0" in text and "__inference_logits" in text and "4.0 KiB" in text
 

@@ -30,6 +30,9 @@ SUMMARY_KEYS = {
     "seconds",
     "reused",
     "output",
+    "target",
+    "targetEvidence",
+    "compiler",
 }
 
 
@@ -188,8 +191,12 @@ def test_the_marker_is_published_with_the_model(models: dict[str, Path], tmp_pat
         "neuronOps": 4,
         "bytesWritten": file_bytes(out) - (out / MARKER_FILE).stat().st_size,
         "seconds": facts["seconds"],
+        "target": None,  # placeholder executables: no NEFF header
+        "targetEvidence": facts["targetEvidence"],
+        "compiler": None,
         "source": str(models["base"]),
     }
+    assert facts["targetEvidence"].startswith("unknown for all 4 NeuronOp(s): no NEFF header")
     assert isinstance(facts["seconds"], float) and facts["seconds"] == round(facts["seconds"], 3)
     assert list(tmp_path.iterdir()) == [out], "no staging directory left beside it"
 
@@ -245,8 +252,9 @@ def test_the_same_rewrite_reuses_the_output_untouched(models: dict[str, Path], t
     flags = ["--select_version", "latest", "--rewrite_id", "abc", *(["--force"] if force else [])]
     again = rewrite(models["base"], out, *flags)
     assert again.returncode == 0, again.stderr
-    assert again.stdout.strip() == (
-        f"reused {out}: published earlier by rewrite abc from version 3, 4 NeuronOp node(s) tagged for 2 core(s)"
+    assert again.stdout.startswith(
+        f"reused {out}: published earlier by rewrite abc from version 3, 4 NeuronOp node(s) tagged for 2 core(s); "
+        "target unknown: unknown for all 4 NeuronOp(s): no NEFF header"
     )
     assert snapshot(out) == before, "byte for byte and inode for inode"
     assert list(tmp_path.iterdir()) == [out]
