@@ -294,7 +294,9 @@ def test_kubectl_delete_all_leaves_the_model_and_its_store_alone(env: Env, model
     rewrite = env.tmp / "store" / before["rewrite"]["path"]
     deployment = env.apps.read_namespaced_deployment("kept", env.namespace).metadata.uid
 
-    deleted = env.cluster.cluster.kubectl("delete", "all", "--all", "-n", env.namespace)
+    # --wait=false: the evidence is the operator's recreation below, not kubectl's own wait for each object, which
+    # once hung for hours in a CI run after everything it deleted was gone (it has no deadline of its own).
+    deleted = env.cluster.cluster.kubectl("delete", "all", "--all", "--wait=false", "-n", env.namespace)
     assert "deployment.apps" in deleted.stdout and "neuronmodel" not in deleted.stdout, deleted.stdout
 
     assert "deletionTimestamp" not in env.model("kept")["metadata"]
